@@ -1,0 +1,325 @@
+"""Run configuration: one YAML file, validated whole before anything heavy happens.
+
+Each option is described once, by its pydantic `Field(description=...)`; the CLI help, the web form and
+docs/config.md all read those descriptions through `describe_options()`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from .base import MISSING, ConfigError, ConfigIssue, Section
+from .data import AugmentationConfig, DataConfig
+from .model import LayerGroupPattern, LoraConfig, ModelConfig
+from .output import CheckpointConfig, OutputConfig, TrackingConfig
+from .schedule import ScheduleConfig, StageConfig
+from .training import TrainingConfig
+
+Task = Literal["text-classification", "image-classification"]
+
+__all__ = [
+    "AugmentationConfig", "CheckpointConfig", "ConfigError", "ConfigIssue", "DataConfig", "LayerGroupPattern",
+    "LoraConfig", "ModelConfig", "OptionDoc", "OutputConfig", "RunConfig", "ScheduleConfig", "StageConfig",
+    "TrackingConfig", "TrainingConfig", "apply_overrides", "describe_options", "load_config", "save_config",
+    "validate_config",
+]
+
+
+class RunConfig(Section):
+    name: str | None = Field(None, description="Run name; defaults to the config file's name without extension.")
+    task: Task = Field(description="text-classification or image-classification.")
+    model: ModelConfig
+    data: DataConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.run_dir or Path("runs") / (self.name or "run"))
+
+    def problems(self) -> list[ConfigIssue]:
+        issues = []
+        if self.task == "text-classification" and self.data.format in ("imagefolder", "idx"):
+            issues.append(
+                ConfigIssue(
+                    "data.format", self.data.format, "is an image format but task is text-classification.",
+                    "set task: image-classification, or a text data format.",
+                )
+            )
+        if self.model.lora is not None and self.schedule.preset not in ("full",):
+            issues.append(
+                ConfigIssue(
+                    "schedule.preset", self.schedule.preset, "cannot be combined with model.lora, which freezes the backbone.",
+                    "use preset full with LoRA, or remove model.lora.",
+                )
+            )
+        return issues
+
+
+SECTIONS: dict[str, type[Section]] = {
+    name: field.annotation  # type: ignore[misc]
+    for name, field in RunConfig.model_fields.items()
+    if isinstance(field.annotation, type) and issubclass(field.annotation, Section)
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply dotted `KEY=VALUE` overrides and validate the result.
+
+    Raises `ConfigError` listing every problem (file, YAML, overrides and schema) in one message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([ConfigIssue("config", str(path), "file not found.", "check the path.")])
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError([ConfigIssue("config", str(path), f"is not valid YAML: {error}", "fix the YAML syntax.")]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([ConfigIssue("config", type(raw).__name__, "must be a mapping of sections.", "start with `task:`.")])
+    raw.setdefault("name", path.stem)
+    override_issues = apply_overrides(raw, overrides or [])
+    return validate_config(raw, source=str(path), extra_issues=override_issues)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> list[ConfigIssue]:
+    """Set each `a.b.c=VALUE` in `raw` in place; VALUE is parsed as YAML (so `3e-5`, `true`, `[a, b]` work)."""
+    issues = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            issues.append(ConfigIssue("override", item, "is not of the form KEY=VALUE.", "write e.g. training.learning_rate=3e-5."))
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        value = _number_or_text(value)
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                issues.append(ConfigIssue(key, child, f"'{part}' is a value, not a section.", "override the value itself."))
+                break
+            node = child
+        else:
+            node[parts[-1]] = value
+    return issues
+
+
+def _number_or_text(value: Any) -> Any:
+    # PyYAML (YAML 1.1) reads `3e-5` as a string because it has no dot; users mean a number.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value.lower() for c in ".e") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def validate_config(raw: dict, source: str | None = None, extra_issues: list[ConfigIssue] | None = None) -> RunConfig:
+    """Validate a config mapping and return it as a `RunConfig`, or raise one `ConfigError` with every problem."""
+    raw = _normalise_numbers(raw)
+    issues = list(extra_issues or [])
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as error:
+        issues += _issues_from_validation(error, raw)
+        raise ConfigError(issues, source) from None
+    issues += config.problems()
+    for name in SECTIONS:
+        issues += getattr(config, name).problems()
+    if issues:
+        raise ConfigError(issues, source)
+    return config
+
+
+def _normalise_numbers(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {key: _normalise_numbers(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_normalise_numbers(value) for value in node]
+    return _number_or_text(node) if isinstance(node, str) and node[:1] in "0123456789.-+" else node
+
+
+def _issues_from_validation(error: ValidationError, raw: dict) -> list[ConfigIssue]:
+    issues = []
+    for item in error.errors():
+        location = [str(part) for part in item["loc"]]
+        # Union members add their type name to the location (e.g. `train.str`); drop them for the user.
+        location = [part for part in location if part not in _TYPE_NAMES]
+        key = ".".join(location) or "config"
+        value = _lookup(raw, location)
+        kind = item["type"]
+        if kind == "extra_forbidden":
+            issues.append(_unknown_key_issue(location))
+        elif kind == "missing":
+            issues.append(ConfigIssue(key, MISSING, "is required.", f"add `{location[-1]}:` to the config. {_help_for(location)}".strip()))
+        else:
+            described = _help_for(location)
+            fix = f"expected {described[0].lower()}{described[1:]}" if described else ""
+            issues.append(ConfigIssue(key, value, item["msg"].rstrip(".") + ".", fix))
+    return _dedupe(issues)
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "list[str]", "none", "literal['auto','never']"}
+
+
+def _dedupe(issues: list[ConfigIssue]) -> list[ConfigIssue]:
+    seen, unique = set(), []
+    for issue in issues:
+        if (issue.key, issue.message) not in seen:
+            seen.add((issue.key, issue.message))
+            unique.append(issue)
+    return unique
+
+
+def _unknown_key_issue(location: list[str]) -> ConfigIssue:
+    parent = _model_at(location[:-1])
+    known = list(parent.model_fields) if parent else []
+    close = difflib.get_close_matches(location[-1], known, n=1, cutoff=0.6)
+    fix = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(sorted(known))}."
+    return ConfigIssue(".".join(location), "", "unknown key.", fix)
+
+
+def _model_at(location: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = RunConfig
+    for part in location:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        nested = _nested_model(field.annotation)
+        if nested is None:
+            return None
+        model = nested
+    return model
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _nested_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _help_for(location: list[str]) -> str:
+    parent = _model_at(location[:-1])
+    field = parent.model_fields.get(location[-1]) if parent else None
+    return (field.description or "") if field else ""
+
+
+def _lookup(raw: Any, location: list[str]) -> Any:
+    node = raw
+    for part in location:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return MISSING
+    return node
+
+
+def save_config(config: RunConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config (defaults filled in) as YAML that `load_config` reads back unchanged."""
+    data = config.model_dump(mode="json")
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Option descriptions
+
+
+@dataclass(frozen=True)
+class OptionDoc:
+    """One leaf option of the schema: dotted key, type, default, allowed choices, bounds and description."""
+
+    key: str
+    type_name: str
+    default: Any
+    required: bool
+    description: str
+    choices: tuple[Any, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+def describe_options(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[OptionDoc]:
+    """List every leaf option of the schema in declaration order, with its one description."""
+    docs = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        nested = _nested_model(field.annotation)
+        is_list = get_origin(field.annotation) is list or any(get_origin(a) is list for a in get_args(field.annotation))
+        if nested is not None and not is_list:
+            docs += describe_options(nested, prefix=f"{key}.")
+            continue
+        minimum = maximum = None
+        for meta in field.metadata:
+            minimum = getattr(meta, "ge", None) if getattr(meta, "ge", None) is not None else minimum
+            minimum = getattr(meta, "gt", None) if getattr(meta, "gt", None) is not None else minimum
+            maximum = getattr(meta, "le", None) if getattr(meta, "le", None) is not None else maximum
+            maximum = getattr(meta, "lt", None) if getattr(meta, "lt", None) is not None else maximum
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        docs.append(
+            OptionDoc(
+                key=key,
+                type_name=_type_name(field.annotation),
+                default=default,
+                required=field.is_required(),
+                description=field.description or "",
+                choices=_choices(field.annotation),
+                minimum=minimum,
+                maximum=maximum,
+            )
+        )
+    return docs
+
+
+def option_doc(key: str) -> OptionDoc:
+    """Return the description of one dotted option key, e.g. `training.learning_rate`."""
+    for doc in describe_options():
+        if doc.key == key:
+            return doc
+    raise KeyError(key)
+
+
+def _choices(annotation: Any) -> tuple[Any, ...]:
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    for arg in get_args(annotation):
+        if get_origin(arg) is Literal:
+            return get_args(arg)
+    return ()
+
+
+def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return "choice"
+    if isinstance(annotation, type):
+        return annotation.__name__
+    text = str(annotation).replace("typing.", "")
+    return text
