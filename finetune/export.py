@@ -1,0 +1,110 @@
+"""Export of a fine-tuned model: `save_pretrained` folder with processor, class names and a model card."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .config import RunConfig
+from .log import get_logger
+
+logger = get_logger(__name__)
+
+
+def export_model(
+    model: torch.nn.Module,
+    processor: Any,
+    config: RunConfig,
+    output_dir: str | os.PathLike,
+    metrics: dict[str, dict[str, float]],
+    data_summary: dict,
+    which: str,
+) -> Path:
+    """Write `model` and `processor` with `save_pretrained`, plus `README.md` and `eval_results.json`.
+
+    `metrics` maps a split name to its metrics; `which` says whether these are the best or the final weights.
+    The folder loads with `from_pretrained` and `pipeline()` and reports the run's own class names.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model = _merged(model)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    processor.save_pretrained(output_dir)
+    (output_dir / "eval_results.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    (output_dir / "training_config.yaml").write_text(
+        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
+    )
+    (output_dir / "README.md").write_text(model_card(model, config, metrics, data_summary, which), encoding="utf-8")
+    logger.info("Exported the %s model to %s", which, output_dir)
+    return output_dir
+
+
+def _merged(model: torch.nn.Module) -> torch.nn.Module:
+    # A peft model is merged into plain weights so that `pipeline()` loads it without peft.
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
+
+
+def model_card(model: torch.nn.Module, config: RunConfig, metrics: dict, data_summary: dict, which: str) -> str:
+    """Render a Hugging Face model card: YAML metadata, then base model, data, metrics and config."""
+    labels = [model.config.id2label[index] for index in sorted(model.config.id2label)]
+    metadata = {
+        "library_name": "transformers",
+        "pipeline_tag": config.task,
+        "base_model": config.model.name_or_path,
+        "tags": ["finetune", config.task],
+    }
+    lines = ["---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", ""]
+    lines += [f"# {config.name or 'finetune run'}", ""]
+    lines += [
+        f"A `{type(model).__name__}` fine-tuned from `{config.model.name_or_path}` for {config.task} "
+        f"with finetune. These are the {which} weights"
+        + (f" by validation `{config.training.metric_for_best_model}`." if which == "best" else " of the run."),
+        "",
+        "## Classes",
+        "",
+        ", ".join(f"`{label}`" for label in labels),
+        "",
+        "## Data",
+        "",
+        f"- training data: `{config.data.train}`",
+        f"- validation data: `{config.data.validation or 'carved from the training data'}`",
+        f"- test data: `{config.data.test or 'carved from the training data'}`",
+    ]
+    for key, value in data_summary.items():
+        lines.append(f"- {key}: {value}")
+    lines += ["", "## Metrics", "", "| split | " + " | ".join(_metric_columns(metrics)) + " |"]
+    lines.append("|---" * (len(_metric_columns(metrics)) + 1) + "|")
+    for split, values in metrics.items():
+        cells = [f"{values[name]:.4f}" if name in values else "" for name in _metric_columns(metrics)]
+        lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        f'classifier = pipeline("{config.task}", model="path/to/this/folder")',
+        "```",
+        "",
+        "## Training configuration",
+        "",
+        "```yaml",
+        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).strip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _metric_columns(metrics: dict) -> list[str]:
+    columns: list[str] = []
+    for values in metrics.values():
+        columns += [name for name in values if name not in columns]
+    return columns

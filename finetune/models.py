@@ -1,0 +1,77 @@
+"""Backbone loading: the processor first (cheap, for pre-flight checks), the weights after the data is checked."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from .assets import resolve_path
+from .config import RunConfig
+from .log import get_logger
+
+logger = get_logger(__name__)
+
+
+def load_processor(config: RunConfig) -> Any:
+    """Load the tokenizer (text) or image processor (vision) of `config.model`, without the weights."""
+    if config.task == "image-classification":
+        from .vision import load_image_processor
+
+        return load_image_processor(config)
+    return AutoTokenizer.from_pretrained(
+        resolve_path(config.model.name_or_path),
+        revision=config.model.revision,
+        trust_remote_code=config.model.trust_remote_code,
+    )
+
+
+def model_max_length(config: RunConfig, tokenizer: Any) -> int | None:
+    """Return the longest input, in tokens, that the text backbone accepts, or None when it states none."""
+    backbone = AutoConfig.from_pretrained(
+        resolve_path(config.model.name_or_path),
+        revision=config.model.revision,
+        trust_remote_code=config.model.trust_remote_code,
+    )
+    limits = [getattr(backbone, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    # Tokenizers without a limit report a huge sentinel (int(1e30)); ignore it.
+    limits = [limit for limit in limits if isinstance(limit, int) and limit < 1_000_000]
+    return min(limits) if limits else None
+
+
+def load_model(config: RunConfig, label_names: list[str]) -> torch.nn.Module:
+    """Load the backbone with a new classification head sized for `label_names`, named by them."""
+    if config.task == "image-classification":
+        from .vision import load_image_model
+
+        model, _ = load_image_model(config, label_names)
+        return model
+    return load_text_model(config, label_names)
+
+
+def load_text_model(config: RunConfig, label_names: list[str]) -> torch.nn.Module:
+    source = resolve_path(config.model.name_or_path)
+    id2label = dict(enumerate(label_names))
+    backbone_config = AutoConfig.from_pretrained(
+        source,
+        revision=config.model.revision,
+        trust_remote_code=config.model.trust_remote_code,
+        num_labels=len(label_names),
+        id2label=id2label,
+        label2id={name: index for index, name in id2label.items()},
+    )
+    # ignore_mismatched_sizes: a backbone exported with another head (other class count) gets a fresh head.
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source,
+        config=backbone_config,
+        revision=config.model.revision,
+        trust_remote_code=config.model.trust_remote_code,
+        ignore_mismatched_sizes=True,
+    )
+    logger.info("Loaded %s from %s (%.1fM parameters)", type(model).__name__, source, _count(model) / 1e6)
+    return model
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())

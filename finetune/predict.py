@@ -1,0 +1,105 @@
+"""Prediction with an exported model folder: `finetune predict MODEL_DIR INPUT...` prints JSON lines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, pipeline
+
+from .log import get_logger, setup_logging
+
+logger = get_logger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def detect_task(model_dir: str | os.PathLike) -> str:
+    """Return `image-classification` or `text-classification` from the folder's config and processor files."""
+    folder = Path(model_dir)
+    if (folder / "preprocessor_config.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        return "image-classification"
+    config = AutoConfig.from_pretrained(folder)
+    architectures = " ".join(config.architectures or [])
+    return "image-classification" if "ImageClassification" in architectures else "text-classification"
+
+
+class Predictor:
+    """A loaded classifier: `predict(inputs, top_k)` for texts, or images (PIL images or file paths)."""
+
+    def __init__(self, model_dir: str | os.PathLike, device: str | None = None):
+        self.model_dir = Path(model_dir)
+        if not (self.model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{self.model_dir} is not a model folder (no config.json); give an export folder")
+        self.task = detect_task(self.model_dir)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # trust_remote_code stays off: an exported folder needs no code of its own.
+        self.pipeline = pipeline(self.task, model=str(self.model_dir), device=device)
+        self.label_names = [self.pipeline.model.config.id2label[i] for i in sorted(self.pipeline.model.config.id2label)]
+
+    def predict(self, inputs: list[Any], top_k: int = 5) -> list[list[dict]]:
+        """Classify each input; return, per input, the `top_k` classes as `{"label", "score"}`, best first."""
+        top_k = max(1, min(top_k, len(self.label_names)))
+        if self.task == "image-classification":
+            inputs = [_as_image(item) for item in inputs]
+        results = self.pipeline(list(inputs), top_k=top_k)
+        if inputs and isinstance(results[0], dict):  # one input can come back unnested
+            results = [results]
+        return [[{"label": r["label"], "score": float(r["score"])} for r in result] for result in results]
+
+
+def _as_image(item: Any):
+    from PIL import Image
+
+    if isinstance(item, (str, Path)):
+        with Image.open(item) as image:
+            return image.convert("RGB")
+    return item.convert("RGB") if hasattr(item, "convert") else item
+
+
+def _read_inputs(args: argparse.Namespace, task: str) -> list[str]:
+    inputs = list(args.inputs)
+    if args.file:
+        lines = Path(args.file).read_text(encoding="utf-8").splitlines()
+        inputs += [line for line in lines if line.strip()]
+    if not inputs:
+        raise ValueError("no inputs: give texts or image paths as arguments, or --file with one per line")
+    if task == "image-classification":
+        missing = [item for item in inputs if not Path(item).is_file()]
+        if missing:
+            raise FileNotFoundError(f"image file(s) not found: {', '.join(missing[:5])}")
+    return inputs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="finetune predict",
+        description="Classify texts or images with an exported model folder; prints one JSON line per input.",
+    )
+    parser.add_argument("model_dir", help="Exported model folder (a run's export/ folder).")
+    parser.add_argument("inputs", nargs="*", help="Texts, or image paths for an image model.")
+    parser.add_argument("--file", help="File with one text or image path per line.")
+    parser.add_argument("--top-k", type=int, default=1, help="Number of classes to print per input (default 1).")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        predictor = Predictor(args.model_dir)
+        inputs = _read_inputs(args, predictor.task)
+    except (FileNotFoundError, ValueError, OSError) as error:
+        logger.error("%s", error)
+        return 2
+    for item, result in zip(inputs, predictor.predict(inputs, top_k=args.top_k)):
+        line = {"input": item, "label": result[0]["label"], "score": round(result[0]["score"], 6)}
+        if args.top_k > 1:
+            line["top_k"] = result
+        print(json.dumps(line), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
