@@ -1,0 +1,154 @@
+"""The Jobs tab: a self-refreshing job table, and for the selected job its log tail, live curves, controls
+and the export download.
+
+Everything shown is read again from the job store and the run folder on each tick, so closing the browser
+and coming back later shows the job's current state.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from .. import runlog
+from ..log import get_logger
+from . import plots, runs
+from .service import JobService, JobView
+from .settings import AppSettings
+
+logger = get_logger(__name__)
+
+REFRESH_SECONDS = 2.0
+TABLE_HEADERS = ["id", "name", "status", "progress", "ETA", "stage", "best metric", "created"]
+FINAL = ("completed", "stopped", "failed", "cancelled")
+
+
+def build_jobs_tab(settings: AppSettings, service: JobService) -> None:
+    """Lay out the Jobs tab inside the current `gr.Blocks` and wire its events."""
+    timer = gr.Timer(REFRESH_SECONDS)
+    table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, label="jobs", elem_id="jobs-table")
+    with gr.Row():
+        selected = gr.Dropdown([], label="selected job", elem_id="job-select", scale=3)
+        stop_button = gr.Button("Stop", elem_id="job-stop", scale=1)
+        resume_button = gr.Button("Resume", elem_id="job-resume", scale=1)
+        clone_button = gr.Button("Clone", elem_id="job-clone", scale=1)
+        delete_button = gr.Button("Delete", variant="stop", elem_id="job-delete", scale=1)
+        download_button = gr.Button("Zip export", elem_id="job-download", scale=1)
+    action_status = gr.Markdown(elem_id="job-action-status")
+    job_status = gr.Markdown(elem_id="job-status")
+    curves = gr.Plot(label="curves", elem_id="job-curves")
+    log_tail = gr.Textbox(label="log tail", lines=12, max_lines=24, autoscroll=True, elem_id="job-log")
+    download = gr.File(label="exported model (zip)", elem_id="job-export-zip")
+    shown = gr.State(None)  # (job id, metrics.jsonl size) of the curves on screen, to redraw only on change
+
+    def refresh(job_id, shown_key):
+        return refresh_view(service, job_id, shown_key)
+
+    outputs = [table, selected, job_status, log_tail, curves, shown]
+    timer.tick(refresh, [selected, shown], outputs, show_progress="hidden", api_name="jobs_refresh")
+    selected.change(refresh, [selected, gr.State(None)], outputs, show_progress="hidden", api_visibility="private")
+    table.select(_job_from_row, table, selected, api_visibility="private")
+    for button, action in ((stop_button, "stop"), (resume_button, "resume"), (clone_button, "clone"),
+                           (delete_button, "delete")):
+        button.click(_action_handler(service, action), selected, action_status, api_name=f"job_{action}")
+    download_button.click(lambda job_id: zip_job_export(service, settings, job_id), selected, [download, action_status],
+                          api_name="job_export_zip")
+    gr.Button("Follow until done", visible=False).click(
+        lambda job_id: follow_job(service, job_id), selected, job_status,
+        api_name="job_follow", concurrency_limit=16, concurrency_id="follow",
+    )
+
+
+def refresh_view(service: JobService, job_id: str | None, shown_key) -> list:
+    """Return the table, the job choices and the selected job's status, log and (when changed) curves."""
+    jobs = service.list_jobs()
+    rows = [_table_row(job) for job in jobs]
+    choices = [(job.label, job.id) for job in jobs]
+    ids = {job.id for job in jobs}
+    value = job_id if job_id in ids else (jobs[0].id if jobs and job_id is None else None)
+    selector = gr.update(choices=choices, value=value)
+    if value is None:
+        return [rows, selector, "No job selected.", "", gr.skip(), shown_key]
+    job = next(job for job in jobs if job.id == value)
+    metrics = job.run_dir / runlog.METRICS_FILE
+    key = (job.id, metrics.stat().st_size if metrics.is_file() else 0)
+    figure = gr.skip()
+    if key != (tuple(shown_key) if shown_key else None):
+        events = runlog.read_events(job.run_dir)
+        figure = plots.curves_figure({job.name: events}, metric=job.metric)
+    return [rows, selector, status_text(job), runs.tail_log(job.run_dir), figure, list(key)]
+
+
+def _table_row(job: JobView) -> list:
+    best = "" if job.best is None else f"{job.metric} {job.best:.4f}"
+    created = time.strftime("%Y-%m-%d %H:%M", time.localtime(job.created_at))
+    return [job.id, job.name, job.status, job.progress_text, job.eta_text, job.stage, best, created]
+
+
+def status_text(job: JobView) -> str:
+    parts = [f"**job {job.id}** `{job.name}` — **{job.status}**"]
+    if job.total_steps:
+        parts.append(f"step {job.progress_text}")
+    if job.epoch is not None:
+        parts.append(f"epoch {job.epoch:.2f}")
+    if job.stage:
+        parts.append(f"stage {job.stage}")
+    if job.eta_text:
+        parts.append(f"ETA {job.eta_text}")
+    if job.best is not None:
+        parts.append(f"best {job.metric} {job.best:.4f}")
+    text = " · ".join(parts)
+    if job.failure_reason:
+        text += f"\n\n⚠ {job.failure_reason}"
+    return text
+
+
+def _job_from_row(table, event: gr.SelectData):
+    row = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
+    try:
+        return str(table.iloc[row, 0])
+    except (IndexError, AttributeError):
+        return gr.skip()
+
+
+def _action_handler(service: JobService, action: str):
+    def handle(job_id: str | None) -> str:
+        if not job_id:
+            return "Select a job first."
+        try:
+            if action == "stop" and service.get(job_id).status == "queued":
+                return service.cancel(job_id)
+            return getattr(service, action)(job_id)
+        except (KeyError, ValueError, OSError) as error:
+            # The job service raises these for an unknown id or an action that does not fit the status.
+            logger.info("job %s: %s failed: %s", job_id, action, error)
+            return f"❌ {action} failed for job {job_id}: {error}"
+
+    return handle
+
+
+def zip_job_export(service: JobService, settings: AppSettings, job_id: str | None):
+    """Zip the selected job's export folder for download."""
+    if not job_id:
+        return None, "Select a job first."
+    run_dir = service.run_dir(job_id)
+    try:
+        path = runs.zip_export(run_dir, settings.download_dir, f"job-{job_id}-export")
+    except FileNotFoundError as error:
+        return None, f"❌ {error}"
+    return str(path), f"Zipped the export of job {job_id} ({Path(path).stat().st_size / 2**20:.1f} MiB)."
+
+
+def follow_job(service: JobService, job_id: str | None, poll_seconds: float = 1.0):
+    """Stream the job's status line until it reaches a final status (for API clients that wait on a job)."""
+    if not job_id:
+        yield "Select a job first."
+        return
+    while True:
+        job = service.get(job_id)
+        yield status_text(job)
+        if job.status in FINAL:
+            return
+        time.sleep(poll_seconds)
