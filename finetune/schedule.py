@@ -18,7 +18,8 @@ What the training loop calls, in order:
 2. `optimizer = AdamW(controller.optimizer_param_groups(), betas=..., eps=...)` and
    `LambdaLR(optimizer, controller.lr_lambdas(base_lambda))`;
 3. before each optimizer step's first micro-batch: `record = controller.update(step, epoch)`; when it is not
-   None, write it as a `stage` event and, under DDP, `model = rewrap_after_unfreeze(accelerator, model)`;
+   None, `model = controller.after_change(accelerator, model)` (a new DDP wrapper under DDP), then log the
+   record and write it as a `stage` event;
 4. right after every `model.train()`: `controller.set_modes(model)`.
 """
 
@@ -204,7 +205,7 @@ class ScheduleController:
 
         Call it before each optimizer step's first micro-batch (`step` = optimizer steps done, `epoch` =
         0-based epoch, kept for the caller's records: stage boundaries are steps). The first call always
-        returns a record. It sets `requires_grad`, clears the gradients of newly frozen parameters and, when
+        returns a record, which the caller logs (this method logs nothing). It sets `requires_grad`, clears the gradients of newly frozen parameters and, when
         the model is in training mode, applies `set_modes`. The record has `stage`, `name`,
         `trainable_groups`, `trainable_parameters` and `learning_rates` ({group: rate at this step}).
         """
@@ -222,13 +223,14 @@ class ScheduleController:
             "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             "learning_rates": self.learning_rates(step),
         }
-        logger.info(
-            "Stage %d (%s) from step %d, epoch %d: training %s (%s parameters); rates %s",
-            stage.index, stage.name, step, epoch, ", ".join(record["trainable_groups"]),
-            f"{record['trainable_parameters']:,}",
-            ", ".join(f"{name} {rate:.3g}" for name, rate in record["learning_rates"].items()),
-        )
         return record
+
+    def after_change(self, accelerator, model: nn.Module) -> nn.Module:
+        """Return the model to train with after `update()` returned a record: under DDP a new wrapper.
+
+        See `rewrap_after_unfreeze`; the caller replaces its model reference with the returned one.
+        """
+        return rewrap_after_unfreeze(accelerator, model)
 
     def _apply_requires_grad(self, stage: Stage) -> None:
         for index, group in enumerate(self.groups):

@@ -396,3 +396,41 @@ def test_user_patterns_drive_groups():
     controller.update(0, 0)
     assert model.classifier.weight.requires_grad
     assert not model.bert.encoder.layer[1].output.dense.weight.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two processes
+
+
+@pytest.mark.slow
+def test_ddp_gradual_unfreeze_two_processes(tmp_path):
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+    worker = Path(__file__).with_name("ddp_unfreeze_worker.py")
+    out = tmp_path / "ddp.json"
+    repo = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+    completed = subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", str(worker), str(out)],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 2
+    assert result["ddp"] == "DistributedDataParallel"
+    assert result["records"] == [
+        ["head"],
+        ["neck", "head"],
+        ["encoder.layer.1", "neck", "head"],
+        ["encoder.layer.0", "encoder.layer.1", "neck", "head"],
+    ]
+    assert all(rank0 == rank1 for rank0, rank1 in result["checksums"])
+    assert result["layer0_changed"] is True
+    assert result["embeddings_changed"] is False
+    assert result["max_diff_vs_reference"] < 1e-5
