@@ -109,7 +109,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> list[ConfigIssue]:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             value = text
-        value = _number_or_text(value)
         node = raw
         parts = key.split(".")
         for part in parts[:-1]:
@@ -135,9 +134,17 @@ def _number_or_text(value: Any) -> Any:
     return value
 
 
+def _accepts_number(annotation: Any) -> bool:
+    """Whether a field takes a number and no string, so that numeric text like `3e-5` should become a number."""
+    args = get_args(annotation) or (annotation,)
+    if str in args or get_origin(annotation) is Literal:
+        return False
+    return any(arg in (int, float) for arg in args)
+
+
 def validate_config(raw: dict, source: str | None = None, extra_issues: list[ConfigIssue] | None = None) -> RunConfig:
     """Validate a config mapping and return it as a `RunConfig`, or raise one `ConfigError` with every problem."""
-    raw = _normalise_numbers(raw)
+    raw = _normalise_numbers(raw, RunConfig)
     issues = list(extra_issues or [])
     try:
         config = RunConfig.model_validate(raw)
@@ -152,12 +159,22 @@ def validate_config(raw: dict, source: str | None = None, extra_issues: list[Con
     return config
 
 
-def _normalise_numbers(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {key: _normalise_numbers(value) for key, value in node.items()}
+def _normalise_numbers(node: Any, model: type[BaseModel] | None) -> Any:
+    # Only fields that take numbers are converted: a quoted "2" stays text in a string field such as
+    # data.hub_config_name or data.keep_labels.
     if isinstance(node, list):
-        return [_normalise_numbers(value) for value in node]
-    return _number_or_text(node) if isinstance(node, str) and node[:1] in "0123456789.-+" else node
+        return [_normalise_numbers(value, model) for value in node]
+    if not isinstance(node, dict) or model is None:
+        return node
+    normalised = {}
+    for key, value in node.items():
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        if field is not None and isinstance(value, str) and _accepts_number(field.annotation):
+            value = _number_or_text(value)
+        elif field is not None:
+            value = _normalise_numbers(value, _nested_model(field.annotation))
+        normalised[key] = value
+    return normalised
 
 
 def _issues_from_validation(error: ValidationError, raw: dict) -> list[ConfigIssue]:
@@ -170,11 +187,11 @@ def _issues_from_validation(error: ValidationError, raw: dict) -> list[ConfigIss
         value = _lookup(raw, location)
         kind = item["type"]
         if kind == "extra_forbidden":
-            issues.append(_unknown_key_issue(location))
+            issues.append(_unknown_key_issue(location, value))
         elif kind == "missing":
             issues.append(ConfigIssue(key, MISSING, "is required.", f"add `{location[-1]}:` to the config. {_help_for(location)}".strip()))
         else:
-            described = _help_for(location)
+            described = _help_for([part for part in location if not part.isdigit()])
             fix = f"expected {described[0].lower()}{described[1:]}" if described else ""
             issues.append(ConfigIssue(key, value, item["msg"].rstrip(".") + ".", fix))
     return _dedupe(issues)
@@ -192,12 +209,12 @@ def _dedupe(issues: list[ConfigIssue]) -> list[ConfigIssue]:
     return unique
 
 
-def _unknown_key_issue(location: list[str]) -> ConfigIssue:
+def _unknown_key_issue(location: list[str], value: Any) -> ConfigIssue:
     parent = _model_at(location[:-1])
     known = list(parent.model_fields) if parent else []
     close = difflib.get_close_matches(location[-1], known, n=1, cutoff=0.6)
     fix = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(sorted(known))}."
-    return ConfigIssue(".".join(location), "", "unknown key.", fix)
+    return ConfigIssue(".".join(location), value, "unknown key.", fix)
 
 
 def _model_at(location: list[str]) -> type[BaseModel] | None:
