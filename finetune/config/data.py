@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from .base import ConfigIssue, Section
 
 DataFormat = Literal["auto", "csv", "json", "parquet", "disk", "imagefolder", "idx", "hub"]
+
+
+def _integer_label_as_text(value: Any) -> Any:
+    # Integer class ids (`keep_labels: [0, 2]`) are compared with the data's labels as text.
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+LabelName = Annotated[str, BeforeValidator(_integer_label_as_text)]
 
 
 class AugmentationConfig(Section):
@@ -39,8 +47,10 @@ class DataConfig(Section):
     text_pair_column: str | None = Field(None, description="Second text column for pair tasks (NLI, paraphrase).")
     image_column: str = Field("image", description="Column with images or image paths (relative to the file).")
     label_column: str = Field("label", description="Column with the labels, as strings or integers.")
-    keep_labels: list[str] | None = Field(
-        None, description="Keep only rows with these labels (others are dropped and counted); null keeps all."
+    keep_labels: list[LabelName] | None = Field(
+        None,
+        description="Keep only rows with these labels, as names or integer ids (others are dropped and counted); "
+        "null keeps all.",
     )
     validation_size: float = Field(
         0.1, ge=0.0, description="Share (below 1) or row count (1 or more) carved from train when no validation data."
