@@ -143,6 +143,9 @@ def launch_flags(placement: Placement, accelerate_config: str | None, port: int 
         flags = ["--multi_gpu", *flags]
     elif placement.on_cpu:
         flags = ["--cpu", *flags]
+    if not placement.on_cpu or placement.num_processes > 1:
+        # A gpu_ids list in a config file would replace the CUDA_VISIBLE_DEVICES that placed the job.
+        flags += ["--gpu_ids", "all"]
     if placement.num_processes > 1:
         flags += ["--main_process_port", str(port if port is not None else free_port())]
     return flags

@@ -153,7 +153,7 @@ class Scheduler:
 
     def _start_queued(self) -> list[Job]:
         started = []
-        for job, placement in self._claim_jobs():
+        for job, placement in self.claim_queued():
             try:
                 started.append(self._launch(job, placement))
             except OSError as error:
@@ -161,8 +161,12 @@ class Scheduler:
                 finish_attempt(self.store, job, f"failed to start: {error}")
         return started
 
-    def _claim_jobs(self) -> list[tuple[Job, Placement]]:
-        """Mark the queued jobs that fit now as running, with their devices, in one transaction."""
+    def claim_queued(self) -> list[tuple[Job, Placement]]:
+        """Mark the queued jobs that fit now as running, with their devices, in one transaction.
+
+        `tick()` calls this and then starts each claimed job; on its own it only plans (tests use it to check
+        placement on a faked GPU count).
+        """
         claimed = []
         with self.store.transaction() as tx:
             active = self.store.jobs_in(tx, ACTIVE_STATUSES)
