@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import difflib
 import os
+import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
@@ -282,6 +283,9 @@ class OptionDoc:
     choices: tuple[Any, ...] = ()
     minimum: float | None = None
     maximum: float | None = None
+    # True when the bound itself is not allowed (pydantic `gt` / `lt` rather than `ge` / `le`).
+    minimum_exclusive: bool = False
+    maximum_exclusive: bool = False
 
 
 def describe_options(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[OptionDoc]:
@@ -295,11 +299,14 @@ def describe_options(model: type[BaseModel] = RunConfig, prefix: str = "") -> li
             docs += describe_options(nested, prefix=f"{key}.")
             continue
         minimum = maximum = None
+        minimum_exclusive = maximum_exclusive = False
         for meta in field.metadata:
             minimum = getattr(meta, "ge", None) if getattr(meta, "ge", None) is not None else minimum
-            minimum = getattr(meta, "gt", None) if getattr(meta, "gt", None) is not None else minimum
+            if getattr(meta, "gt", None) is not None:
+                minimum, minimum_exclusive = meta.gt, True
             maximum = getattr(meta, "le", None) if getattr(meta, "le", None) is not None else maximum
-            maximum = getattr(meta, "lt", None) if getattr(meta, "lt", None) is not None else maximum
+            if getattr(meta, "lt", None) is not None:
+                maximum, maximum_exclusive = meta.lt, True
         default = None if field.is_required() else field.get_default(call_default_factory=True)
         docs.append(
             OptionDoc(
@@ -311,6 +318,8 @@ def describe_options(model: type[BaseModel] = RunConfig, prefix: str = "") -> li
                 choices=_choices(field.annotation),
                 minimum=minimum,
                 maximum=maximum,
+                minimum_exclusive=minimum_exclusive,
+                maximum_exclusive=maximum_exclusive,
             )
         )
     return docs
@@ -334,9 +343,18 @@ def _choices(annotation: Any) -> tuple[Any, ...]:
 
 
 def _type_name(annotation: Any) -> str:
-    if get_origin(annotation) is Literal:
+    """Return a short type name such as `int | None` or `list[str]`; a Literal is `choice`."""
+    origin = get_origin(annotation)
+    if origin is Literal:
         return "choice"
+    if origin is Annotated:
+        return _type_name(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(arg) for arg in get_args(annotation))
+    if origin is list:
+        return f"list[{_type_name(get_args(annotation)[0])}]"
+    if annotation is type(None):
+        return "None"
     if isinstance(annotation, type):
         return annotation.__name__
-    text = str(annotation).replace("typing.", "")
-    return text
+    return str(annotation).replace("typing.", "")
