@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from finetune.config import ConfigError, RunConfig, describe_options, load_config, save_config, validate_config
+from finetune.config.docs import render_markdown
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS_DIR = ROOT / "configs"
 
 
 def minimal(**sections) -> dict:
@@ -336,3 +340,34 @@ def test_shipped_config_valid(path):
 def test_shipped_config_starts_with_command(path):
     first_lines = path.read_text(encoding="utf-8").splitlines()[:8]
     assert any(line.startswith("#") and "finetune train" in line for line in first_lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generated reference
+
+
+def test_config_docs_up_to_date():
+    committed = (ROOT / "docs" / "config.md").read_text(encoding="utf-8")
+    assert committed == render_markdown(), "docs/config.md is stale. Fix: run `python -m finetune.config.docs`."
+
+
+def test_config_docs_lists_every_option():
+    text = render_markdown()
+    missing = [doc.key for doc in describe_options() if f"| `{doc.key}` |" not in text]
+    assert missing == []
+
+
+def test_config_docs_check_flags_stale_file(tmp_path):
+    stale = tmp_path / "config.md"
+    stale.write_text("# old\n", encoding="utf-8")
+    command = [sys.executable, "-m", "finetune.config.docs", "--check", "--output", str(stale)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "is out of date" in result.stderr
+
+
+def test_config_docs_writes_file(tmp_path):
+    output = tmp_path / "docs" / "config.md"
+    command = [sys.executable, "-m", "finetune.config.docs", "--output", str(output)]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=120)
+    assert output.read_text(encoding="utf-8") == render_markdown()
