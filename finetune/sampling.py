@@ -70,3 +70,22 @@ class EpochBatchSampler(Sampler[list[int]]):
             batch_order = torch.randperm(len(batches), generator=generator).tolist()
             batches = [batches[i] for i in batch_order]
         return batches
+
+
+class LengthSortedBatchSampler(Sampler[list[int]]):
+    """Evaluation batches of similar length (longest first), so padding is minimal; the order is fixed.
+
+    `order[i]` is the dataset index of the i-th example yielded, to map outputs back to dataset order. Only the
+    last batch may be smaller, as Accelerate expects when it trims the duplicates of an uneven last round.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int):
+        self.batch_size = batch_size
+        self.order = sorted(range(len(lengths)), key=lambda index: (-lengths[index], index))
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in range(0, len(self.order), self.batch_size):
+            yield self.order[start : start + self.batch_size]

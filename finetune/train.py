@@ -37,7 +37,7 @@ from .log import get_logger, setup_logging
 from .metrics import compute_classification_metrics
 from .models import load_model, load_processor
 from .precision import resolve_mixed_precision
-from .sampling import EpochBatchSampler
+from .sampling import EpochBatchSampler, LengthSortedBatchSampler
 from .schedule import ScheduleController
 from .stopping import EarlyStopping, NonFiniteLossError, StopRequest, check_finite_loss, metric_greater_is_better
 
@@ -219,10 +219,17 @@ class FineTuneRecipe:
         self.test_loader = self._eval_loader(self.data.test) if self.data.test is not None else None
 
     def _eval_loader(self, dataset) -> DataLoader:
+        column_names = getattr(dataset, "column_names", None) or []
+        if "input_ids" in column_names:
+            # Texts sorted by length pad far less than texts in file order; outputs are mapped back by `order`.
+            lengths = [len(ids) for ids in dataset["input_ids"]]
+            sampler = LengthSortedBatchSampler(lengths, self.training.per_device_eval_batch_size)
+            batching = {"batch_sampler": sampler}
+        else:
+            batching = {"batch_size": self.training.per_device_eval_batch_size, "shuffle": False}
         return DataLoader(
             dataset,
-            batch_size=self.training.per_device_eval_batch_size,
-            shuffle=False,
+            **batching,
             collate_fn=self.data.collate_fn,
             num_workers=self.training.dataloader_num_workers,
             generator=torch.Generator().manual_seed(self.training.seed),
@@ -413,9 +420,9 @@ class FineTuneRecipe:
             raise ConfigError([_unknown_metric_issue(self.metric_name, metrics)])
         improved = self.early_stopping.update(metrics[self.metric_name], self.state.global_step)
         self.state.early_stopping = self.early_stopping.state_dict()
-        logger.info("Step %d (epoch %d): validation %s %.4f, accuracy %.4f%s", self.state.global_step,
-                    self.state.epoch, self.metric_name, metrics[self.metric_name], metrics["accuracy"],
-                    " (best so far)" if improved else "")
+        logger.info("Step %d (epoch %d): validation loss %.4f, accuracy %.4f, %s %.4f%s", self.state.global_step,
+                    self.state.epoch, metrics["loss"], metrics["accuracy"], self.metric_name,
+                    metrics[self.metric_name], " (best so far)" if improved else "")
         return improved
 
     @torch.no_grad()
@@ -436,6 +443,12 @@ class FineTuneRecipe:
             losses.append(per_example.cpu())
         logits = torch.cat(logits_list)
         labels = torch.cat(labels_list)
+        sampler = getattr(loader, "batch_sampler", None)
+        order = getattr(sampler, "order", None) or getattr(getattr(sampler, "batch_sampler", None), "order", None)
+        if order is not None and len(order) == len(labels):
+            inverse = torch.empty(len(order), dtype=torch.long)
+            inverse[torch.tensor(order)] = torch.arange(len(order))
+            logits, labels = logits[inverse], labels[inverse]
         predictions = logits.argmax(-1)
         metrics = compute_classification_metrics(predictions.tolist(), labels.tolist(), len(self.data.label_names))
         metrics = {"loss": float(torch.cat(losses).mean()), **metrics, "num_examples": int(labels.numel())}
