@@ -18,8 +18,8 @@ def build_compare_tab(settings: AppSettings, service: JobService) -> None:
     board = gr.Dataframe(headers=LEADERBOARD_HEADERS, interactive=False, label="leaderboard (best first)",
                          elem_id="leaderboard")
     with gr.Row():
-        run_a = gr.Dropdown([], label="run A", elem_id="compare-a")
-        run_b = gr.Dropdown([], label="run B", elem_id="compare-b")
+        run_a = gr.Dropdown([], label="run A", elem_id="compare-a", allow_custom_value=True)
+        run_b = gr.Dropdown([], label="run B", elem_id="compare-b", allow_custom_value=True)
         compare_button = gr.Button("Compare", variant="primary", elem_id="compare-run")
     diff = gr.Dataframe(headers=["key", "run A", "run B"], interactive=False, label="config difference",
                         elem_id="config-diff")

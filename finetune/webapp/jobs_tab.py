@@ -30,7 +30,7 @@ def build_jobs_tab(settings: AppSettings, service: JobService) -> None:
     timer = gr.Timer(REFRESH_SECONDS)
     table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, label="jobs", elem_id="jobs-table")
     with gr.Row():
-        selected = gr.Dropdown([], label="selected job", elem_id="job-select", scale=3)
+        selected = gr.Dropdown([], label="selected job", elem_id="job-select", scale=3, allow_custom_value=True)
         stop_button = gr.Button("Stop", elem_id="job-stop", scale=1)
         resume_button = gr.Button("Resume", elem_id="job-resume", scale=1)
         clone_button = gr.Button("Clone", elem_id="job-clone", scale=1)
@@ -55,8 +55,12 @@ def build_jobs_tab(settings: AppSettings, service: JobService) -> None:
         button.click(_action_handler(service, action), selected, action_status, api_name=f"job_{action}")
     download_button.click(lambda job_id: zip_job_export(service, settings, job_id), selected, [download, action_status],
                           api_name="job_export_zip")
+    def follow(job_id):
+        # A generator function (not a lambda returning one), so Gradio streams its updates.
+        yield from follow_job(service, job_id)
+
     gr.Button("Follow until done", visible=False).click(
-        lambda job_id: follow_job(service, job_id), selected, job_status,
+        follow, selected, job_status,
         api_name="job_follow", concurrency_limit=16, concurrency_id="follow",
     )
 

@@ -70,8 +70,8 @@ class JobService:
         logger.info("job scheduler started in the app process for workspace %s", self.settings.workspace)
 
     def stop_scheduler(self) -> None:
-        if self._scheduler is not None and hasattr(self._scheduler, "stop"):
-            self._scheduler.stop()
+        if self._scheduler is not None:
+            self._scheduler.shutdown()
 
     def submit(self, config: RunConfig) -> str:
         """Queue a validated config (its paths already resolved inside the roots); return the new job's id."""
