@@ -9,15 +9,19 @@ import bz2
 import json
 import os
 
-import datasets
-import pandas as pd
-import pytest
-from transformers import AutoTokenizer
+# Set before datasets and transformers are imported, because they read these variables once at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from finetune import assets
-from finetune.config import validate_config
-from finetune.data import prepare_data
-from finetune.data.common import (
+import datasets  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from finetune import assets  # noqa: E402
+from finetune.config import validate_config  # noqa: E402
+from finetune.data import prepare_data  # noqa: E402
+from finetune.data.common import (  # noqa: E402
     LABELS,
     DataError,
     carve_splits,
@@ -27,10 +31,7 @@ from finetune.data.common import (
     encode_labels,
     limit_rows,
 )
-from finetune.data.text import preflight_text, tokenized_cache_dir
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from finetune.data.text import preflight_text, tokenized_cache_dir  # noqa: E402
 
 WORDS = "good bad plot acting score story pace cast music light dark long short warm cold".split()
 
@@ -157,7 +158,7 @@ def test_unknown_keep_label_named(tmp_path):
 def test_non_string_text_rejected(tmp_path):
     rows = [{"text": i, "label": "xy"[i % 2]} for i in range(20)]
     config = make_config(train=write_csv(tmp_path / "a.csv", rows))
-    with pytest.raises(DataError, match="text column 'text' holds a int value"):
+    with pytest.raises(DataError, match="text column 'text' contains the non-text value 0 \\(int\\) in row 0"):
         preflight_text(config)
 
 
@@ -371,6 +372,11 @@ def test_saved_dataset_dict_missing_split(tmp_path):
 def test_detect_format_hub_name():
     assert detect_format("rotten_tomatoes") == "hub"
     assert detect_format("cornell-movie-review-data/rotten_tomatoes") == "hub"
+
+
+def test_hub_offline_names_dataset():
+    with pytest.raises(DataError, match="could not load Hub dataset 'cornell-movie-review-data/rotten_tomatoes'"):
+        preflight_text(make_config(train="cornell-movie-review-data/rotten_tomatoes"))
 
 
 def test_missing_file_rejected(tmp_path):

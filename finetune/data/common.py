@@ -65,7 +65,7 @@ def load_raw_splits(config: RunConfig) -> datasets.DatasetDict:
         return load_image_splits(config)
     loaded = {}
     for split, fmt in formats.items():
-        loaded[split] = _load_split(getattr(config.data, split), split, fmt, config.data.hub_config_name)
+        loaded[split] = load_split(getattr(config.data, split), split, fmt, config.data.hub_config_name)
         logger.info("Read %d %s rows from %s (%s)", loaded[split].num_rows, split, getattr(config.data, split), fmt)
     return datasets.DatasetDict(loaded)
 
@@ -80,7 +80,7 @@ def _format_of(config: RunConfig, split: str) -> str:
 def detect_format(path: str) -> str:
     """Return the data format of `path`: csv, json, parquet, disk, idx, imagefolder or hub.
 
-    A folder is `disk` when it holds a `save_to_disk` dataset, `idx` when it holds IDX files
+    A folder is `disk` when it contains a `save_to_disk` dataset, `idx` when it contains IDX files
     (`*-ubyte`, optionally gzipped), and `imagefolder` otherwise. A path that does not exist is a Hub
     dataset name, unless it looks like a file (has a known suffix or a path separator at its start).
     """
@@ -121,7 +121,12 @@ def _split_source(value: str) -> tuple[str, str | None]:
     return source, split or None
 
 
-def _load_split(value: str, split: str, fmt: str, hub_config_name: str | None) -> datasets.Dataset:
+def load_split(value: str, split: str, fmt: str, hub_config_name: str | None) -> datasets.Dataset:
+    """Read one split from a config value (`asset:NAME`, a path, a Hub name, optionally `SOURCE:SPLIT`).
+
+    `fmt` is csv, json, parquet, disk or hub (see `detect_format`); `split` is the config key being read,
+    which names the split taken from a multi-split source when the value does not name one.
+    """
     source, chosen_split = _split_source(resolve_path(value))
     if fmt in _FORMAT_BUILDERS:
         builder, kwargs = _builder_for_suffix(source) or (_FORMAT_BUILDERS[fmt], {})
@@ -131,9 +136,23 @@ def _load_split(value: str, split: str, fmt: str, hub_config_name: str | None) -
     if fmt == "disk":
         return _pick_split(datasets.load_from_disk(source), chosen_split or split, source)
     if fmt == "hub":
-        # The real Hub path: it downloads, so it cannot run offline; `HF_HUB_OFFLINE=1` makes it fail fast.
-        return datasets.load_dataset(source, hub_config_name, split=chosen_split or split)
+        return _load_hub_split(source, hub_config_name, chosen_split or split)
     raise DataError(f"data.format {fmt!r} cannot read {value!r}. Fix: use csv, json, parquet, disk or hub for text data.")
+
+
+# Kept for callers written against the first, private name.
+_load_split = load_split
+
+
+def _load_hub_split(name: str, hub_config_name: str | None, split: str) -> datasets.Dataset:
+    # NOTE: the download itself is never exercised by the tests, which run with HF_HUB_OFFLINE=1.
+    try:
+        return datasets.load_dataset(name, hub_config_name, split=split)
+    except (ConnectionError, FileNotFoundError) as error:
+        raise DataError(
+            f"could not load Hub dataset {name!r} (split {split!r}): {error}. Fix: check the name and the network "
+            "(HF_HUB_OFFLINE must be unset), or point the data path at a local file."
+        ) from error
 
 
 def _pick_split(loaded: datasets.Dataset | datasets.DatasetDict, split: str, source: str) -> datasets.Dataset:
@@ -214,7 +233,7 @@ def _label_keys(dataset: datasets.Dataset, column: str, split: str) -> list[Any]
         return list(values)
     kinds = sorted({type(value).__name__ for value in values})
     raise DataError(
-        f"label column {column!r} in the {split} data holds {', '.join(kinds)} values. "
+        f"label column {column!r} in the {split} data contains {', '.join(kinds)} values. "
         "Fix: use class names (strings) or integer class ids."
     )
 

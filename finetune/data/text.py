@@ -170,8 +170,8 @@ def _empty_rows(dataset: datasets.Dataset, columns: list[str]) -> list[int]:
                 empty.add(row)
             elif not isinstance(value, str):
                 raise DataError(
-                    f"text column {column!r} holds a {type(value).__name__} value ({value!r}) in row {row}. "
-                    "Fix: point data.text_column / data.text_pair_column at a column of strings."
+                    f"text column {column!r} contains the non-text value {value!r} ({type(value).__name__}) in row "
+                    f"{row}. Fix: point data.text_column / data.text_pair_column at a column of strings."
                 )
     return sorted(empty)
 
@@ -302,7 +302,7 @@ def tokenize_split(
     """Tokenise one encoded split, keeping only the model inputs and `labels`; return it and "hit" or "miss".
 
     The result is written to `cache_dir/tokens-KEY.arrow`, where KEY hashes the texts, the labels, the
-    tokenizer and `max_length`; an existing file with that key is loaded instead of tokenising again.
+    tokenizer and `max_length`. An existing file with that key is loaded instead of tokenising again.
     `tokenizer_id` is `tokenizer_identity(tokenizer)`, computed once by callers that tokenise several splits.
     """
     key = tokenization_key(dataset, tokenizer_id or tokenizer_identity(tokenizer), text_columns, max_length)
@@ -332,8 +332,8 @@ def tokenization_key(dataset: datasets.Dataset, tokenizer_id: str, text_columns:
 
 def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
     """Return the tokenizer's class name and a hash of its vocabulary and settings."""
-    # A fast tokenizer's JSON holds its vocabulary, normaliser and post-processor; any change gives a new key.
-    # Its `truncation` and `padding` entries are left out: each call sets them, so they depend on call history.
+    # A fast tokenizer's JSON contains its vocabulary, normaliser and post-processor, so any change gives a new
+    # key. Its `truncation` and `padding` entries are left out because each call sets them.
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         state = json.loads(backend.to_str())
