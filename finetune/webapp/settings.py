@@ -12,6 +12,7 @@ from .security import load_auth
 DEFAULT_PORT = 7860
 DEFAULT_MAX_UPLOAD_MB = 500.0
 WORKSPACE_ENV = "FINETUNE_WORKSPACE"
+ALLOW_NO_AUTH_ENV = "FINETUNE_ALLOW_NO_AUTH"
 
 
 @dataclass
@@ -86,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="Largest accepted upload, in MiB; larger uploads are rejected before they are stored.",
     )
     parser.add_argument(
+        "--require-auth", action="store_true",
+        help="Exit unless --auth-file or $FINETUNE_AUTH sets a login; $FINETUNE_ALLOW_NO_AUTH=1 lifts this (the Docker image sets it).",
+    )
+    parser.add_argument(
         "--no-scheduler", action="store_true",
         help="Do not run the job scheduler in the app process (use when `finetune worker` runs it).",
     )
@@ -104,6 +109,11 @@ def parse_settings(argv: list[str] | None = None) -> AppSettings:
         auth = load_auth(args.auth_file, os.environ.get("FINETUNE_AUTH"))
     except ValueError as error:
         parser.error(str(error))
+    if args.require_auth and auth is None and os.environ.get(ALLOW_NO_AUTH_ENV) != "1":
+        parser.error(
+            "a login is required: pass --auth-file FILE or set FINETUNE_AUTH=user:password "
+            f"(or set {ALLOW_NO_AUTH_ENV}=1 to serve without a login on a trusted network)."
+        )
     workspace = Path(args.workspace or os.environ.get(WORKSPACE_ENV) or "workspace").expanduser().resolve()
     return AppSettings(
         workspace=workspace,
