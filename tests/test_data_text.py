@@ -427,14 +427,14 @@ def test_text_pairs(tmp_path, tokenizer):
     prepared = prepare_data(config, tokenizer)
     first = prepared.train[0]
     assert first["token_type_ids"].count(1) == len(tokenizer(rows[0]["hypothesis"])["input_ids"]) - 1
-    assert prepared.raw_validation.column_names == ["text", "label", "text_pair"]
+    assert prepared.raw_validation.column_names == ["premise", "hypothesis", LABELS]
 
 
 def test_raw_validation_aligned(tmp_path, tokenizer):
     prepared = prepare_data(make_config(train=write_csv(tmp_path / "a.csv", review_rows(30, ["x", "y"]))), tokenizer)
     raw = prepared.raw_validation[0]
     assert prepared.validation[0]["input_ids"] == tokenizer(raw["text"])["input_ids"]
-    assert prepared.validation[0][LABELS] == raw["label"]
+    assert prepared.validation[0][LABELS] == raw[LABELS]
 
 
 def test_cache_hit_second_run(tmp_path, tokenizer):

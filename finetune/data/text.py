@@ -353,14 +353,9 @@ def token_lengths(dataset: datasets.Dataset) -> list[int]:
 
 
 def raw_text_view(dataset: datasets.Dataset, config: RunConfig) -> datasets.Dataset:
-    """Return the split's untokenised rows as columns `text`, `text_pair` (pairs only) and `label` (class index).
+    """Return the split's untokenised rows: the text column(s) under their config names, and `labels`.
 
-    Rows are in the same order as the tokenised split, so row i of both is the same example.
+    `labels` is the class index into `label_names`, as in the image path. Rows are in the same order as
+    the tokenised split, so row i of both is the same example.
     """
-    columns = {config.data.text_column: "text", LABELS: "label"}
-    if config.data.text_pair_column:
-        columns[config.data.text_pair_column] = "text_pair"
-    view = dataset.select_columns(list(columns))
-    # Rename through temporary names, because a source column may already be called `text` or `label`.
-    view = view.rename_columns({source: f"__{target}" for source, target in columns.items()})
-    return view.rename_columns({f"__{target}": target for target in columns.values()})
+    return dataset.select_columns(_text_columns(config) + [LABELS])
