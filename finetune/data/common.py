@@ -140,7 +140,7 @@ def load_split(value: str, split: str, fmt: str, hub_config_name: str | None) ->
     raise DataError(f"data.format {fmt!r} cannot read {value!r}. Fix: use csv, json, parquet, disk or hub for text data.")
 
 
-# Kept for callers written against the first, private name.
+# The image path imports the reader under this earlier, private name.
 _load_split = load_split
 
 
