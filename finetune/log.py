@@ -7,21 +7,28 @@ import os
 import sys
 from pathlib import Path
 
-from accelerate.logging import get_logger as _accelerate_logger
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def get_logger(name: str):
-    """Return a rank-aware logger: messages go out on the main process only unless `main_process_only=False`.
+class RankAwareLogger(logging.LoggerAdapter):
+    """Logs on the main process only, once Accelerate knows the process layout; pass `main_process_only=False`
+    to log on every process. Before Accelerate is initialised (config checks, the CLI) every call logs."""
 
-    Before the Accelerate state exists (config validation, CLI), it falls back to a plain logger.
-    """
-    from accelerate.state import PartialState
+    def log(self, level, msg, *args, main_process_only: bool = True, **kwargs):
+        from accelerate.state import PartialState
 
-    if PartialState._shared_state:
-        return _accelerate_logger(name)
-    return logging.getLogger(name)
+        if main_process_only and PartialState._shared_state and not PartialState().is_main_process:
+            return
+        if self.isEnabledFor(level):
+            self.logger.log(level, msg, *args, **kwargs)
+
+
+def get_logger(name: str) -> RankAwareLogger:
+    """Return the rank-aware logger `name`; a module run as `__main__` logs as `finetune.__main__`."""
+    if name == "__main__":
+        name = "finetune.__main__"
+    return RankAwareLogger(logging.getLogger(name), {})
 
 
 def setup_logging(log_file: str | os.PathLike | None = None, level: int = logging.INFO) -> None:
