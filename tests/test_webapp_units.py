@@ -1,0 +1,291 @@
+"""The app's logic without a server: path roots, uploads, logins, form <-> YAML sync, schedule stages, plots."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from finetune.config import describe_options
+from finetune.webapp import configform, plots
+from finetune.webapp.security import (
+    PathNotAllowed, UploadRejected, load_auth, looks_like_hub_id, resolve_inside, resolve_model_reference,
+    store_upload,
+)
+from finetune.webapp.settings import AppSettings, parse_settings
+
+
+@pytest.fixture
+def roots(tmp_path):
+    root = tmp_path / "data"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "train.csv").write_text("text,label\na,b\n")
+    return root
+
+
+def test_resolve_relative_inside(roots):
+    assert resolve_inside("sub/train.csv", [roots]) == (roots / "sub" / "train.csv").resolve()
+
+
+def test_resolve_absolute_inside(roots):
+    path = roots / "sub" / "train.csv"
+    assert resolve_inside(str(path), [roots]) == path.resolve()
+
+
+def test_resolve_rejects_dotdot(roots):
+    with pytest.raises(PathNotAllowed, match="outside the allowed folders"):
+        resolve_inside("sub/../../secret.csv", [roots])
+
+
+def test_resolve_rejects_absolute_outside(roots):
+    with pytest.raises(PathNotAllowed, match="outside the allowed folders"):
+        resolve_inside("/etc/passwd", [roots])
+
+
+def test_resolve_rejects_symlink_out(roots, tmp_path):
+    secret = tmp_path / "secret.csv"
+    secret.write_text("x")
+    (roots / "link.csv").symlink_to(secret)
+    with pytest.raises(PathNotAllowed, match="outside the allowed folders"):
+        resolve_inside("link.csv", [roots])
+
+
+def test_resolve_rejects_symlinked_folder_out(roots, tmp_path):
+    (tmp_path / "outside").mkdir()
+    (roots / "linked").symlink_to(tmp_path / "outside", target_is_directory=True)
+    with pytest.raises(PathNotAllowed):
+        resolve_inside("linked/file.csv", [roots])
+
+
+def test_resolve_accepts_symlink_inside(roots):
+    (roots / "alias.csv").symlink_to(roots / "sub" / "train.csv")
+    assert resolve_inside("alias.csv", [roots]) == (roots / "sub" / "train.csv").resolve()
+
+
+def test_resolve_rejects_empty(roots):
+    with pytest.raises(PathNotAllowed, match="empty"):
+        resolve_inside("  ", [roots])
+
+
+def test_resolve_rejects_sibling_prefix(tmp_path):
+    # /x/data2 shares the prefix "/x/data" as text but is not inside /x/data.
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data2").mkdir()
+    with pytest.raises(PathNotAllowed):
+        resolve_inside(str(tmp_path / "data2"), [tmp_path / "data"])
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("bert-base-uncased", True),
+    ("google/vit-base-patch16-224", True),
+    ("/models/bert", False),
+    ("./bert", False),
+    ("../x", False),
+    ("~/bert", False),
+    ("a/b/c", False),
+])
+def test_hub_id_detection(text, expected):
+    assert looks_like_hub_id(text) is expected
+
+
+def test_model_reference_hub_id_passes(roots):
+    assert resolve_model_reference("google/vit-base-patch16-224", [roots]) == "google/vit-base-patch16-224"
+
+
+def test_model_reference_local_folder(roots):
+    assert resolve_model_reference("sub", [roots]) == str((roots / "sub").resolve())
+
+
+def test_model_reference_outside_rejected(roots):
+    with pytest.raises(PathNotAllowed):
+        resolve_model_reference("/usr/lib", [roots])
+
+
+def test_upload_over_limit_names_limit(tmp_path):
+    source = tmp_path / "big.csv"
+    source.write_bytes(b"x" * (2 * 2**20))
+    with pytest.raises(UploadRejected, match="limit of 1 MiB"):
+        store_upload(source, tmp_path / "uploads", max_bytes=2**20)
+    assert not (tmp_path / "uploads").exists()
+
+
+def test_upload_wrong_kind_rejected(tmp_path):
+    source = tmp_path / "script.sh"
+    source.write_text("echo hi")
+    with pytest.raises(UploadRejected, match="must be one of"):
+        store_upload(source, tmp_path / "uploads", max_bytes=2**20)
+
+
+def test_upload_table_stored(tmp_path):
+    source = tmp_path / "my data.csv"
+    source.write_text("text,label\na,b\n")
+    stored = store_upload(source, tmp_path / "uploads", max_bytes=2**20)
+    assert stored.name == "my_data.csv"
+    assert stored.read_text() == "text,label\na,b\n"
+
+
+def test_upload_zip_extracts_image_folder(tmp_path):
+    source = tmp_path / "pets.zip"
+    with zipfile.ZipFile(source, "w") as archive:
+        archive.writestr("pets/cat/1.png", b"png")
+        archive.writestr("pets/dog/1.png", b"png")
+    stored = store_upload(source, tmp_path / "uploads", max_bytes=2**20)
+    assert stored.name == "pets"
+    assert sorted(path.name for path in stored.iterdir()) == ["cat", "dog"]
+
+
+def test_upload_zip_slip_rejected(tmp_path):
+    source = tmp_path / "evil.zip"
+    with zipfile.ZipFile(source, "w") as archive:
+        archive.writestr("../evil.txt", b"x")
+    with pytest.raises(UploadRejected, match="outside the archive"):
+        store_upload(source, tmp_path / "uploads", max_bytes=2**20)
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_upload_zip_bomb_rejected(tmp_path):
+    source = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(source, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("a/b/zeros.png", b"\0" * (3 * 2**20))
+    assert source.stat().st_size < 2**20
+    with pytest.raises(UploadRejected, match="expands to 3.0 MiB"):
+        store_upload(source, tmp_path / "uploads", max_bytes=2**20)
+
+
+def test_auth_from_file(tmp_path):
+    path = tmp_path / "users"
+    path.write_text("# logins\nalice:one\nbob:two:with-colon\n")
+    assert load_auth(str(path), None) == [("alice", "one"), ("bob", "two:with-colon")]
+
+
+def test_auth_from_env():
+    assert load_auth(None, "alice:secret") == [("alice", "secret")]
+
+
+def test_auth_malformed_rejected():
+    with pytest.raises(ValueError, match="user:password"):
+        load_auth(None, "no-colon")
+
+
+def test_auth_none_by_default():
+    assert load_auth(None, None) is None
+
+
+def test_settings_bind_loopback_by_default(monkeypatch):
+    monkeypatch.delenv("FINETUNE_AUTH", raising=False)
+    settings = parse_settings([])
+    assert settings.host == "127.0.0.1"
+    assert settings.run_scheduler is True
+
+
+def test_settings_upload_limit_bytes(monkeypatch, tmp_path):
+    monkeypatch.delenv("FINETUNE_AUTH", raising=False)
+    settings = parse_settings(["--max-upload-mb", "2", "--workspace", str(tmp_path), "--no-scheduler"])
+    assert settings.max_upload_bytes == 2 * 2**20
+    assert settings.run_scheduler is False
+    assert settings.upload_dir in settings.all_data_roots()
+
+
+def test_form_fields_use_schema_text():
+    docs = {doc.key: doc for doc in describe_options()}
+    for field in configform.form_fields():
+        assert field.doc.description == docs[field.doc.key].description
+    kinds = {field.doc.key: field.kind for field in configform.form_fields()}
+    assert kinds["schedule.preset"] == "choice"
+    assert kinds["training.num_train_epochs"] == "int"
+    assert kinds["training.learning_rate"] == "float"
+
+
+def test_form_to_yaml_keeps_other_keys():
+    text = "task: text-classification\ndata:\n  train: a.csv\n  text_column: review\n"
+    values = [None] * len(configform.FORM_KEYS)
+    values[configform.FORM_KEYS.index("training.num_train_epochs")] = 4.0
+    raw = configform.parse_yaml(configform.form_to_yaml(text, values))
+    assert raw["data"]["text_column"] == "review"
+    assert raw["training"]["num_train_epochs"] == 4
+    assert isinstance(raw["training"]["num_train_epochs"], int)
+
+
+def test_yaml_to_form_reads_values():
+    values = configform.yaml_to_form("schedule:\n  preset: gradual\ntraining:\n  learning_rate: 3.0e-5\n")
+    assert values[configform.FORM_KEYS.index("schedule.preset")] == "gradual"
+    assert values[configform.FORM_KEYS.index("training.learning_rate")] == 3e-5
+
+
+def test_yaml_to_form_bad_yaml_keeps_form():
+    assert configform.yaml_to_form("task: [unclosed") is None
+
+
+def test_check_lists_schema_and_path_issues(tmp_path):
+    settings = AppSettings(workspace=tmp_path / "ws", data_roots=[tmp_path / "data"])
+    text = "task: text-classification\nmodel:\n  name_or_path: /usr/lib\ndata:\n  train: /etc/passwd\n" \
+           "training:\n  num_train_epochs: 0\noutput:\n  run_dir: /tmp/x\n"
+    config, issues = configform.check(text, settings)
+    assert config is None
+    keys = sorted(issue.key for issue in issues)
+    assert keys == ["data.train", "model.name_or_path", "output.run_dir", "training.num_train_epochs"]
+
+
+def test_issues_split_by_field():
+    from finetune.config import ConfigIssue
+
+    by_field, others = configform.issues_by_field(
+        [ConfigIssue("training.learning_rate", -1, "bad."), ConfigIssue("data.text_column", "", "empty.")]
+    )
+    assert list(by_field) == ["training.learning_rate"]
+    assert others == ["`data.text_column`: empty."]
+
+
+GROUPS = ["embeddings", "layer.0", "layer.1", "head"]
+
+
+def test_plan_full_one_stage():
+    stages, unit = plots.plan_stages({"preset": "full"}, {"num_train_epochs": 3}, GROUPS)
+    assert unit == "epoch"
+    assert [(s.start, s.end, s.trainable) for s in stages] == [(0, 3.0, tuple(GROUPS))]
+
+
+def test_plan_freeze_then_unfreeze():
+    stages, _ = plots.plan_stages({"preset": "freeze_then_unfreeze", "freeze_epochs": 1}, {"num_train_epochs": 3}, GROUPS)
+    assert [(s.start, s.end, s.trainable) for s in stages] == [(0, 1.0, ("head",)), (1.0, 3.0, tuple(GROUPS))]
+
+
+def test_plan_gradual_adds_one_group_per_epoch():
+    stages, _ = plots.plan_stages({"preset": "gradual", "unfreeze_every_epochs": 1}, {"num_train_epochs": 5}, GROUPS)
+    assert [s.trainable for s in stages] == [("head",), ("layer.1", "head"), ("layer.0", "layer.1", "head"), tuple(GROUPS)]
+    assert stages[-1].end == 5.0
+
+
+def test_plan_milestones():
+    schedule = {"preset": "milestones", "stages": [
+        {"until_epoch": 2, "train": "head"}, {"until_epoch": 3, "train": "top:1", "learning_rate": 1e-4}, {"train": "all"},
+    ]}
+    stages, _ = plots.plan_stages(schedule, {"num_train_epochs": 4, "learning_rate": 5e-5}, GROUPS)
+    assert [(s.start, s.end) for s in stages] == [(0, 1.0), (1.0, 2.0), (2.0, 4.0)]
+    assert stages[1].trainable == ("layer.1", "head")
+    assert stages[1].learning_rate == 1e-4
+
+
+def test_group_rates_layer_decay():
+    rates = plots.group_rates(GROUPS, 1e-3, layer_decay=0.5, head_multiplier=10)
+    assert rates == {"head": 1e-2, "layer.1": 1e-3, "layer.0": 5e-4, "embeddings": 2.5e-4}
+
+
+def test_curves_figure_marks_stages():
+    events = [
+        {"event": "stage", "step": 0, "stage": 0, "name": "head"},
+        {"event": "train", "step": 1, "loss": 0.7, "learning_rate": 1e-3},
+        {"event": "stage", "step": 2, "stage": 1, "name": "all"},
+        {"event": "train", "step": 3, "loss": 0.6, "learning_rate": 5e-4},
+        {"event": "eval", "split": "validation", "step": 3, "loss": 0.65, "accuracy": 0.75},
+    ]
+    figure = plots.curves_figure({"run": events})
+    loss_axes = figure.axes[0]
+    assert len(loss_axes.lines) == 3  # train loss, validation loss, one stage boundary at step 2
+
+
+def test_confusion_figure_counts():
+    figure = plots.confusion_figure(["a", "a", "b"], ["a", "b", "b"], ["a", "b"])
+    texts = sorted(text.get_text() for text in figure.axes[0].texts)
+    assert texts == ["0", "1", "1", "1"]
