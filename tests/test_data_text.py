@@ -236,6 +236,15 @@ def test_deduplicate_before_split(tmp_path):
     assert train_texts.isdisjoint(splits["validation"]["text"][:])
 
 
+def test_deduplicate_off_keeps_rows(tmp_path):
+    rows = review_rows(40, ["x", "y"])
+    rows += [dict(row) for row in rows[:20]]
+    config = make_config(train=write_csv(tmp_path / "a.csv", rows), deduplicate=False)
+    splits, _, summary = preflight_text(config)
+    assert summary["duplicates_removed"] == {"train": 0}
+    assert sum(split.num_rows for split in splits.values()) == 60
+
+
 def test_train_rows_in_test_file_removed(tmp_path):
     rows = review_rows(40, ["x", "y"])
     config = make_config(

@@ -116,6 +116,8 @@ def preflight_text(
     summary["dropped"]["label_not_kept"] = {split: read[split] - splits[split].num_rows for split in splits}
     splits, summary["dropped"]["empty_text"] = handle_empty_texts(splits, text_columns, data.empty_text_policy)
 
+    summary["duplicates_removed"] = {split: 0 for split in splits}
+    summary["train_rows_also_in_eval"] = 0
     if data.deduplicate:
         splits, summary["duplicates_removed"], summary["train_rows_also_in_eval"] = _deduplicate_splits(splits, text_columns)
     splits, summary["carved"] = _carve_missing(splits, config)
