@@ -284,7 +284,7 @@ def test_launch_flags_cases():
 
 
 def test_device_environment():
-    assert device_environment(Placement(("cpu",), 1)) == {"CUDA_VISIBLE_DEVICES": ""}
+    assert device_environment(Placement(("cpu",), 2)) == {"CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}
     assert device_environment(Placement(("1", "3"), 2)) == {"CUDA_VISIBLE_DEVICES": "1,3"}
 
 

@@ -134,7 +134,7 @@ def launch_flags(placement: Placement, accelerate_config: str | None, port: int 
 
     A named accelerate config sets the distributed type (DDP, FSDP, DeepSpeed), and `--num_processes` on the
     command line overrides the count written in it. Without one: `--cpu` for one CPU process, `--multi_gpu`
-    for several processes (with gloo on a CPU host), nothing extra for one GPU.
+    for several processes (a gloo group on the CPU, see `device_environment`), nothing extra for one GPU.
     """
     flags = ["--num_processes", str(placement.num_processes), "--num_machines", "1", "--dynamo_backend", "no"]
     if accelerate_config:
@@ -165,5 +165,7 @@ def train_command(
 def device_environment(placement: Placement) -> dict[str, str]:
     """Return the environment entries that fence a job to its devices."""
     if placement.on_cpu:
-        return {"CUDA_VISIBLE_DEVICES": ""}  # A CPU job must not grab a GPU that another job owns.
+        # No GPU for a CPU job, since another job may own it. ACCELERATE_USE_CPU makes `--multi_gpu` workers
+        # form a gloo group on the CPU; without it each worker of accelerate 1.16 runs alone (world size 1).
+        return {"CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}
     return {"CUDA_VISIBLE_DEVICES": ",".join(placement.devices)}
