@@ -2,7 +2,7 @@
 
 Layout of `<run_dir>/checkpoints/`:
 
-- `checkpoint-<step>/`: one complete checkpoint, named by its optimizer step. It holds what
+- `checkpoint-<step>/`: one complete checkpoint, named by its optimizer step. It contains what
   `Accelerator.save_state` writes (`model.safetensors`, `optimizer.bin`, `scheduler.bin`, `scaler.pt` with
   fp16, one `random_states_<rank>.pkl` per process with the Python, NumPy, torch CPU and CUDA generators, and
   one `custom_checkpoint_<i>.pkl` per object registered with `accelerator.register_for_checkpointing`), plus
@@ -159,7 +159,7 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
 
     `auto` selects the newest complete checkpoint of `run_dir` (None when there is none), `never` selects
     nothing, and any other value is a path: a checkpoint folder, or a run folder whose newest checkpoint is used.
-    A path that does not exist or holds no complete checkpoint raises `ConfigError`. Create the run's
+    A path that does not exist or contains no complete checkpoint raises `ConfigError`. Create the run's
     `CheckpointManager` first, because it recovers a checkpoint that a killed run finished but did not publish.
     """
     if resume == "never":
@@ -229,7 +229,7 @@ class CheckpointManager:
     def best(self) -> Path | None:
         """Return the newest complete checkpoint saved with `is_best=True`, or None.
 
-        Each save marks whether the metric improved, so the newest such checkpoint holds the best metric.
+        Each save marks whether the metric improved, so the newest such checkpoint has the best metric.
         """
         for path in reversed(self.list_complete()):
             if read_checkpoint_record(path).get("is_best"):
@@ -293,7 +293,7 @@ class CheckpointManager:
             broadcast_object_list(holder, from_process=0)
         return holder[0]
 
-    def _raise_if_any_failed(self, error: BaseException | None, what: str, cleanup: Path | None = None) -> None:
+    def _raise_if_any_failed(self, error: BaseException | None, context: str, cleanup: Path | None = None) -> None:
         """Share each process's error, so that all processes raise together instead of waiting at a barrier."""
         message = None if error is None else f"{type(error).__name__}: {error}"
         if self.accelerator.num_processes > 1:
@@ -306,8 +306,8 @@ class CheckpointManager:
         if cleanup is not None and self.accelerator.is_main_process:
             _remove_folder(cleanup)
         latest = self.latest()
-        kept = f" The previous checkpoint {latest} is still complete." if latest else ""
-        raise CheckpointWriteError(f"{what}: {'; '.join(failures)}.{kept} Free disk space or fix permissions on {self.dir}.") from error
+        previous = f" The previous checkpoint {latest} is still complete." if latest else ""
+        raise CheckpointWriteError(f"{context}: {'; '.join(failures)}.{previous} Free disk space or fix permissions on {self.dir}.") from error
 
     # -- retention and recovery (main process only) --------------------------------------------------------------
 
@@ -334,9 +334,9 @@ class CheckpointManager:
     def _recover_temp_folders(self) -> None:
         """Publish complete checkpoints that a killed run wrote but did not rename, and delete all other `.tmp-*`.
 
-        A killed `save` can leave a complete `.tmp-checkpoint-*` (killed between writing `COMPLETE` and the
-        rename) or a `.tmp-replaced-*` (killed while replacing a checkpoint of the same step); either is
-        published when its step has no visible checkpoint, new writes before replaced ones.
+        A `save` killed between writing `COMPLETE` and the rename leaves a complete `.tmp-checkpoint-*`. One
+        killed while replacing a checkpoint of the same step can leave the old one as `.tmp-replaced-*`. Either
+        is published when its step has no visible checkpoint, and new writes take precedence over replaced ones.
         """
         order = {"checkpoint": 0, "replaced": 1, "delete": 2}
         temps = [child for child in self.dir.iterdir() if child.name.startswith(TMP_PREFIX)]
