@@ -410,3 +410,72 @@ def test_cli_logs_prints_tail(workspace, capsys):
 def test_default_workspace_env(monkeypatch, tmp_path):
     monkeypatch.setenv("FINETUNE_WORKSPACE", str(tmp_path / "env-ws"))
     assert Workspace().path == (tmp_path / "env-ws").resolve()
+
+
+# -- stop escalation, with a real process that ignores SIGTERM ----------------------------------------------------------
+
+
+@pytest.fixture
+def stubborn_job(workspace):
+    """A running job whose process ignores SIGTERM, as a run stuck in a long checkpoint write would."""
+    import subprocess
+    import sys
+
+    job = workspace.submit(CONFIG)
+    token = f"{job.id}-stubborn"
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(120)"],
+        env={**os.environ, "FINETUNE_JOB_TOKEN": token}, start_new_session=True, stdout=subprocess.PIPE, text=True,
+    )
+    assert process.stdout.readline() == "ready\n"
+    job = workspace.store.update(
+        job.id, status=JobStatus.RUNNING, started_at=time.time(), pid=process.pid,
+        pid_create_time=psutil.Process(process.pid).create_time(), token=token, attempt=1,
+    )
+    yield job, process
+    process.kill()
+    process.wait()
+
+
+def test_second_stop_kills(workspace, stubborn_job):
+    job, process = stubborn_job
+    assert workspace.stop(job.id).status == JobStatus.STOPPING
+    assert process.poll() is None
+    stopped = workspace.stop(job.id)
+    process.wait(timeout=30)
+    assert not psutil.pid_exists(process.pid)
+    assert stopped.status == JobStatus.STOPPED
+    assert "killed with SIGKILL" in stopped.failure_reason
+
+
+def test_stop_timeout_kills(workspace, stubborn_job):
+    job, process = stubborn_job
+    workspace.stop(job.id)
+    Scheduler(workspace, max_cpu_jobs=0, gpu_count=0, stop_timeout=0.0).tick()
+    process.wait(timeout=30)
+    assert not psutil.pid_exists(process.pid)
+    assert workspace.get(job.id).status == JobStatus.STOPPED
+
+
+def test_failed_exit_during_stop_is_stopped(workspace):
+    job = workspace.submit(CONFIG)
+    workspace.store.update(
+        job.id, status=JobStatus.RUNNING, started_at=time.time(), pid=2**22 + 1, pid_create_time=1.0,
+        token=f"{job.id}-test", attempt=1,
+    )
+    workspace.store.update(job.id, status=JobStatus.STOPPING, stop_requested_at=time.time())
+    record = {"token": f"{job.id}-test", "exit_code": runlog.EXIT_FAILED, "status": "failed"}
+    (job.run_dir / "exit_code.json").write_text(json.dumps(record))
+    (job.run_dir / "stderr.log").write_text("Traceback (most recent call last):\nKeyboardInterrupt: x\nRuntimeError: died\n")
+    Scheduler(workspace, max_cpu_jobs=0, gpu_count=0).tick()
+    job = workspace.get(job.id)
+    assert job.status == JobStatus.STOPPED
+    assert job.failure_reason.startswith("stopped without a final checkpoint: exit code 1: RuntimeError: died")
+
+
+def test_cli_logs_follow_finished(workspace, capsys):
+    job = workspace.submit(CONFIG)
+    workspace.cancel(job.id)
+    (job.run_dir / "stderr.log").write_text("only line\n")
+    assert cli.main(["jobs", "logs", str(job.id), "--follow", "--workspace", str(workspace.path)]) == 0
+    assert capsys.readouterr().out == "only line\n"

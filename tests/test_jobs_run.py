@@ -122,16 +122,16 @@ def test_queue_runs_in_order(tmp_path, project, offline):
     first = submit(workspace, project, name="first")
     second = submit(workspace, project, name="second")
     scheduler = Scheduler(workspace, max_cpu_jobs=1)
-    most_running = 0
+    max_running = 0
     deadline = time.monotonic() + 2 * JOB_TIMEOUT_SECONDS
     while time.monotonic() < deadline and not all(finished(workspace.get(job.id)) for job in (first, second)):
         scheduler.tick()
-        most_running = max(most_running, len(workspace.list_jobs((JobStatus.RUNNING, JobStatus.STOPPING))))
+        max_running = max(max_running, len(workspace.list_jobs((JobStatus.RUNNING, JobStatus.STOPPING))))
         time.sleep(POLL_SECONDS)
     first, second = workspace.get(first.id), workspace.get(second.id)
     assert first.status == JobStatus.COMPLETED, workspace.tail_log(first.id)
     assert second.status == JobStatus.COMPLETED, workspace.tail_log(second.id)
-    assert most_running == 1
+    assert max_running == 1
     assert second.started_at >= first.finished_at
     assert first.exit_code == runlog.EXIT_COMPLETED
     assert (first.run_dir / "export" / "config.json").is_file()

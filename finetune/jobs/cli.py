@@ -251,8 +251,8 @@ def _format_best(progress: Progress) -> str:
 
 
 def _format_metrics(metrics: dict) -> str:
-    shown = [f"{key}={value:.4g}" for key, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
-    return ", ".join(shown) or "-"
+    formatted = [f"{key}={value:.4g}" for key, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    return ", ".join(formatted) or "-"
 
 
 def _format_time(timestamp: float | None) -> str:

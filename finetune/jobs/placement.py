@@ -1,6 +1,6 @@
 """Device placement and the `accelerate launch` command line of a job.
 
-A job asks for `requested_gpus` (None: as many as it has processes when the host has GPUs, else CPU; 0: CPU;
+A job requests `requested_gpus` (None: as many as it has processes when the host has GPUs, else CPU; 0: CPU;
 N: N GPUs) and `num_processes`. GPUs are handed out whole: one GPU never serves two jobs at once. CPU jobs
 share the host, so at most `max_cpu_jobs` of them run at once.
 """
@@ -48,7 +48,7 @@ def detect_gpus(gpu_count: int | None = None) -> list[str]:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a job runs: `devices` is `["cpu"]` or the GPU ids it owns while it runs."""
+    """The devices of a placed job: `["cpu"]`, or the GPU ids it owns while it runs, and its process count."""
 
     devices: tuple[str, ...]
     num_processes: int
@@ -59,7 +59,7 @@ class Placement:
 
 
 class PlacementError(ValueError):
-    """Raised when a job can never be placed on this host (e.g. it asks for more GPUs than exist)."""
+    """Raised when a job can never be placed on this host (e.g. it requests more GPUs than exist)."""
 
 
 def gpus_needed(requested_gpus: int | None, num_processes: int, host_gpus: int) -> int:

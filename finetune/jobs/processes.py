@@ -2,7 +2,7 @@
 
 A pid alone is not an identity: after a job's process exits, the kernel can give the same pid to an unrelated
 process. A job is therefore identified by its runner's pid together with the process creation time (as psutil
-reports it, Unix seconds), and every process of one attempt carries `FINETUNE_JOB_TOKEN` in its environment,
+reports it, Unix seconds). Every process of one attempt also carries `FINETUNE_JOB_TOKEN` in its environment,
 so leftovers can be found even after they were re-parented.
 """
 
@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "FINETUNE_JOB_TOKEN"
 # psutil derives the creation time from the boot time and clock ticks, so one process always reads the same
-# value; the tolerance only absorbs float rounding in the store.
+# value. The tolerance only absorbs float rounding in the store.
 CREATE_TIME_TOLERANCE_SECONDS = 0.01
 
 

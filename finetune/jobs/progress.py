@@ -1,6 +1,6 @@
 """Progress of a job for readers (the app's table, `finetune jobs list`), from its run folder alone.
 
-Everything here comes from `metrics.jsonl` (see `finetune.runlog`) and the job's row; no training code is
+Everything here comes from `metrics.jsonl` (see `finetune.runlog`) and the job's row. No training code is
 imported, so reading progress is cheap and safe in the web app's process.
 """
 
@@ -25,10 +25,10 @@ _EVENT_KEYS = {"event", "time", "step", "epoch", "split"}
 class Progress:
     """A snapshot of one job's progress.
 
-    `step` counts optimizer steps of the whole run (resumed attempts continue the count); `fraction` is
-    step / total_steps in [0, 1]; `eta_seconds` extrapolates the current attempt's step rate and is None
-    until two events of the attempt exist or when the job is not running. `best_*` follow
-    `training.metric_for_best_model`: the run's own `run_end` verdict when the run has ended, else the best
+    `step` counts optimizer steps of the whole run, and resumed attempts continue the count. `fraction` is
+    step / total_steps in [0, 1]. `eta_seconds` extrapolates the current attempt's step rate. It is None
+    when the job is not running or the attempt has no step yet. `best_*` follow
+    `training.metric_for_best_model`: the run's own `run_end` values when the run has ended, else the best
     validation value so far.
     """
 

@@ -7,7 +7,7 @@ in the run folder, because a restarted scheduler cannot `wait()` for a process t
 Why not signal `accelerate launch` directly: on SIGTERM the launcher in accelerate 1.16 exits at once and kills
 its child after 5 seconds, which can cut a checkpoint short. The runner therefore starts the launcher in a
 process group of its own, and forwards SIGTERM only to the launcher's direct children (the training processes),
-which checkpoint and exit with code 75. The launcher then sees them exit and returns by itself.
+which checkpoint and exit with code 75. The launcher then notices them exit and returns by itself.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _become_subreaper() -> None:
     # Orphaned descendants (a launcher killed before its workers) are re-parented to us instead of init, so
-    # `_wait_all` sees the attempt end only when every process of it has exited. Linux only; elsewhere the
+    # `_wait_all` returns only when every process of the attempt has exited. Linux only; elsewhere the
     # runner waits for the launcher alone.
     if not sys.platform.startswith("linux"):
         return

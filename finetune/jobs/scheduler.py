@@ -28,7 +28,7 @@ from .workspace import Workspace, finish_attempt
 
 logger = logging.getLogger(__name__)
 
-# A claimed job gets its pid within a second; a job still without one after this long lost its scheduler
+# A claimed job gets its pid within a second. A job still without one after this long lost its scheduler
 # between the claim and the start.
 LAUNCH_GRACE_SECONDS = 60.0
 DEFAULT_STOP_TIMEOUT_SECONDS = 600.0
@@ -164,8 +164,8 @@ class Scheduler:
     def claim_queued(self) -> list[tuple[Job, Placement]]:
         """Mark the queued jobs that fit now as running, with their devices, in one transaction.
 
-        `tick()` calls this and then starts each claimed job; on its own it only plans (tests use it to check
-        placement on a faked GPU count).
+        `tick()` calls this and then starts each claimed job. Called alone, it only plans, which lets tests
+        check placement on a faked GPU count.
         """
         claimed = []
         with self.store.transaction() as tx:
@@ -202,7 +202,7 @@ class Scheduler:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / JOB_CONFIG_FILE).write_text(job.config, encoding="utf-8")
         (run_dir / EXIT_FILE).unlink(missing_ok=True)
-        # Later attempts continue from the newest complete checkpoint, whatever the config says.
+        # Later attempts continue from the newest complete checkpoint, even when the config sets checkpoint.resume.
         overrides = ["checkpoint.resume=auto"] if job.attempt > 1 else []
         command = [
             sys.executable, "-m", "finetune.jobs.runner", "--run-dir", str(run_dir), "--token", job.token, "--",

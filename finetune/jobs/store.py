@@ -1,6 +1,6 @@
 """The job store: one SQLite file in the workspace, shared by the app, the CLI and schedulers.
 
-Every status change is one `BEGIN IMMEDIATE` transaction, so several processes and threads can write at once:
+Every status change is one `BEGIN IMMEDIATE` transaction, so several processes and threads can write at once.
 SQLite takes the write lock at the start of the transaction, and a second writer waits up to the busy timeout
 instead of failing half-way. WAL mode lets readers (the app's job table) read while a writer holds the lock.
 Each call opens its own connection, so a `JobStore` may be shared between threads.
@@ -243,8 +243,8 @@ class JobStore:
     def update(self, job_id: int, expected: tuple[JobStatus, ...] | None = None, **values: Any) -> Job:
         """Set columns of one job in one transaction and return the updated job.
 
-        With `expected`, the job must currently have one of those statuses, else `InvalidTransition`; a new
-        `status` must also be a legal transition from the current one.
+        With `expected`, the job must currently have one of those statuses. A new `status` must be a legal
+        transition from the current one. Either violation raises `InvalidTransition`.
         """
         with self.transaction() as tx:
             return self.update_in(tx, job_id, expected, **values)
@@ -256,8 +256,8 @@ class JobStore:
             raise JobNotFound(f"job {job_id} not found in {self.db_path}; run `finetune jobs list` to see the ids.")
         current = JobStatus(row["status"])
         if expected is not None and current not in expected:
-            wanted = " or ".join(status.value for status in expected)
-            raise InvalidTransition(f"job {job_id} is {current.value}, but this needs it {wanted}.")
+            expected_text = " or ".join(status.value for status in expected)
+            raise InvalidTransition(f"job {job_id} is {current.value}, but this needs it {expected_text}.")
         if "status" in values:
             new = JobStatus(values["status"])
             if new != current and new not in TRANSITIONS[current]:

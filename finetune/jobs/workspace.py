@@ -201,8 +201,8 @@ class Workspace:
 def finish_attempt(store: JobStore, job: Job, default_reason: str | None = None) -> Job | None:
     """Record the end of a job's attempt whose runner has exited; return the job, or None if already recorded.
 
-    The outcome comes from the runner's `exit_code.json`; without one (the runner was killed) from a `run_end`
-    event of this attempt, else the job counts as stopped when a stop was requested and failed otherwise.
+    The outcome comes from the runner's `exit_code.json`. A killed runner writes none, so then a `run_end`
+    event of this attempt decides. Without either, the job is stopped if a stop was requested, else failed.
     Leftover processes of the attempt are killed, so a resume never runs next to them.
     """
     record = read_exit_file(job.run_dir, job.token)
@@ -225,8 +225,8 @@ def _outcome(job: Job, record: dict | None, default_reason: str | None) -> tuple
     status, exit_code, reason = _reported_outcome(job, record, default_reason)
     if status == JobStatus.FAILED and job.stop_requested_at is not None:
         # A stop that came before the run set up its SIGTERM handler, or a kill after the stop timeout, ends
-        # the run without a clean stop; the person asked for a stop, and resume uses the newest complete
-        # checkpoint either way.
+        # the run without a clean stop. A stop was requested, and resume uses the newest complete checkpoint
+        # either way, so the job counts as stopped.
         return JobStatus.STOPPED, exit_code, f"stopped without a final checkpoint: {reason}"
     return status, exit_code, reason
 
@@ -268,7 +268,12 @@ def _failure_reason(job: Job, exit_code: int) -> str:
     lines = [line.strip() for line in tail_text(job.run_dir / STDERR_FILE, 200).splitlines() if line.strip()]
     # The last traceback's final line names the exception; launcher noise after it is skipped.
     errors = [line for line in lines if "Error:" in line or "Exception:" in line]
-    detail = errors[-1] if errors else (lines[-1] if lines else "no output")
+    if errors:
+        detail = errors[-1]
+    elif lines:
+        detail = lines[-1]
+    else:
+        detail = "no output"
     return f"exit code {exit_code}: {detail[:500]} (see {job.run_dir / STDERR_FILE})"
 
 
