@@ -71,6 +71,8 @@ class FineTuneRecipe:
         self.test_metrics: dict | None = None
         self.export_dir: Path | None = None
         self._last_eval_step = -1
+        # Set by _setup_optimizer. Events written before it (the run_end of a data error) report epoch 0.
+        self.micro_batches_per_epoch = 0
 
     # ------------------------------------------------------------------------------------------------------
     # Lifecycle
@@ -293,6 +295,10 @@ class FineTuneRecipe:
 
     def _train_epoch(self) -> str:
         self.train_sampler.set_epoch(self.state.epoch)
+        # Accelerate's prepared loader re-seeds its batch sampler with its own count of finished passes each
+        # time it is iterated. A mid-epoch resume runs the rest of that epoch through a skip loader, so the
+        # count would then lag one epoch behind and replay an earlier epoch's order; setting it keeps both equal.
+        self.train_loader.set_epoch(self.state.epoch)
         if hasattr(self.data.train, "set_epoch"):
             self.data.train.set_epoch(self.state.epoch)
         loader = self.train_loader
