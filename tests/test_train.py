@@ -1,0 +1,373 @@
+"""Training recipe: optimizer step counts, LR schedules, best-model choice, CLI errors and a real MiniLM run.
+
+Fast tests train a tiny random-initialised BERT (see `tiny.py`) in this process; each run takes seconds.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Set before transformers and datasets are imported, because they read these variables once at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import json  # noqa: E402
+import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from finetune.stopping import metric_greater_is_better  # noqa: E402
+from tiny import events_of, make_reviews_csv, make_tiny_bert, run_recipe, tiny_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PEAK_LR = 1e-3
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("model") / "tiny_bert")
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Cache tokenised data per test, and train on one thread: two threads on a busy 2-core machine spin
+    against other processes and make a tiny step about 10 times slower."""
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def subprocess_env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "finetune.cli", *args], capture_output=True, text=True, timeout=timeout,
+        env=subprocess_env(), cwd=REPO,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizer steps with gradient accumulation (one process)
+
+# (train rows, batch size, gradient_accumulation_steps, epochs, max_steps)
+STEP_CASES = [
+    (32, 4, 3, 2, None),  # 8 micro-batches per epoch: groups of 3, 3 and 2
+    (30, 4, 1, 1, None),  # the last batch holds 2 rows
+    (30, 8, 2, 2, None),  # 4 micro-batches: two full groups
+    (32, 4, 3, 3, 5),  # max_steps ends the run in the second epoch
+    (13, 4, 5, 2, None),  # accumulation longer than the epoch: one short group per epoch
+]
+
+
+def expected_steps(rows: int, batch: int, accumulation: int, epochs: int, max_steps: int | None) -> tuple[int, int]:
+    """Return (optimizer steps per epoch, total steps) for one process."""
+    per_epoch = math.ceil(math.ceil(rows / batch) / accumulation)
+    total = per_epoch * epochs
+    return per_epoch, total if max_steps is None else min(total, max_steps)
+
+
+def expected_step_epochs(rows: int, batch: int, accumulation: int, total: int) -> list[float]:
+    """Return the fractional epoch after each optimizer step: every group ends a step, a short last group too."""
+    micro_batches = math.ceil(rows / batch)
+    group_ends = list(range(accumulation, micro_batches, accumulation)) + [micro_batches]
+    epochs = []
+    epoch = 0
+    while len(epochs) < total:
+        epochs += [round(epoch + end / micro_batches, 6) for end in group_ends]
+        epoch += 1
+    return epochs[:total]
+
+
+def step_run_config(tmp_path, model_dir, rows, batch, accumulation, epochs, max_steps) -> dict:
+    # 16 more rows than trained on: tiny_config carves 8 validation and 8 test rows.
+    csv_path = make_reviews_csv(tmp_path / "reviews.csv", rows + 16)
+    return tiny_config(
+        tmp_path,
+        model={"name_or_path": str(model_dir)},
+        data={"train": str(csv_path)},
+        training={
+            "per_device_train_batch_size": batch,
+            "gradient_accumulation_steps": accumulation,
+            "num_train_epochs": epochs,
+            "max_steps": max_steps,
+            "eval_strategy": "no",
+        },
+    )
+
+
+@pytest.mark.parametrize(("rows", "batch", "accumulation", "epochs", "max_steps"), STEP_CASES)
+def test_step_count_with_accumulation(tmp_path, model_dir, rows, batch, accumulation, epochs, max_steps):
+    config = step_run_config(tmp_path, model_dir, rows, batch, accumulation, epochs, max_steps)
+    per_epoch, total = expected_steps(rows, batch, accumulation, epochs, max_steps)
+
+    code, events = run_recipe(config)
+    start = events_of(events, "run_start")[0]
+    train_events = events_of(events, "train")
+
+    assert code == 0
+    assert start["num_examples"]["train"] == rows
+    assert start["num_update_steps_per_epoch"] == per_epoch
+    assert start["total_steps"] == total
+    assert [event["step"] for event in train_events] == list(range(1, total + 1))
+    assert [event["epoch"] for event in train_events] == expected_step_epochs(rows, batch, accumulation, total)
+    assert events_of(events, "run_end")[0]["step"] == total
+    assert events_of(events, "run_end")[0]["status"] == "completed"
+
+
+def test_short_group_loss_is_mean(tmp_path, model_dir):
+    # 8 micro-batches in groups of 3, 3, 2. An untrained 2-class model has a loss near ln 2 on every batch,
+    # so the short group's step loss is near ln 2 only when it is divided by 2, its real size (dividing by
+    # gradient_accumulation_steps would give about 2/3 of it).
+    config = step_run_config(tmp_path, model_dir, 32, 4, 3, 1, None)
+    code, events = run_recipe(config)
+    losses = {event["step"]: event["loss"] for event in events_of(events, "train")}
+    assert code == 0
+    assert losses[3] == pytest.approx(math.log(2), abs=0.05)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Learning-rate schedule
+
+
+def expected_lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
+    """Return the LR multiplier after `step` optimizer steps, i.e. the one the next step uses.
+
+    Warm-up climbs linearly to the peak, reached at step `warmup`; linear and cosine decay reach 0 at `total`,
+    as in transformers' get_linear/cosine_schedule_with_warmup. The first step already uses 1/(warmup+1) of
+    the peak instead of 0, so no step is wasted at rate 0.
+    """
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / (total - warmup)
+    if kind == "linear":
+        return 1.0 - progress
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def lr_run(tmp_path, model_dir, kind: str, **warmup) -> list[dict]:
+    # 32 train rows in batches of 4: 8 optimizer steps.
+    config = tiny_config(
+        tmp_path,
+        model={"name_or_path": str(model_dir)},
+        training={"lr_scheduler_type": kind, "learning_rate": PEAK_LR, "eval_strategy": "no", **warmup},
+    )
+    code, events = run_recipe(config)
+    assert code == 0
+    return events
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+def test_lr_follows_schedule(tmp_path, model_dir, kind):
+    events = lr_run(tmp_path, model_dir, kind, warmup_steps=3)
+    logged = {event["step"]: event["learning_rate"] for event in events_of(events, "train")}
+    expected = {step: PEAK_LR * expected_lr_factor(kind, step, 3, 8) for step in range(1, 9)}
+    assert logged == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_lr_decays_to_zero(tmp_path, model_dir, kind):
+    events = lr_run(tmp_path, model_dir, kind, warmup_steps=3)
+    train_events = events_of(events, "train")
+    assert train_events[-1]["step"] == 8
+    assert train_events[-1]["learning_rate"] == pytest.approx(0.0, abs=1e-15)
+
+
+def test_lr_warmup_starts_low(tmp_path, model_dir):
+    events = lr_run(tmp_path, model_dir, "linear", warmup_steps=3)
+    first_rates = events_of(events, "stage")[0]["learning_rates"]  # in force for the first optimizer step
+    logged = {event["step"]: event["learning_rate"] for event in events_of(events, "train")}
+    assert first_rates["head"] == pytest.approx(PEAK_LR / 4)
+    assert logged[3] == pytest.approx(PEAK_LR)
+    assert max(logged.values()) == pytest.approx(PEAK_LR)
+
+
+def test_lr_warmup_ratio_rounds_up(tmp_path, model_dir):
+    # warmup_ratio 0.3 of 8 steps is 2.4 steps: 3 steps of warm-up, the same as warmup_steps 3.
+    events = lr_run(tmp_path, model_dir, "linear", warmup_ratio=0.3)
+    logged = {event["step"]: event["learning_rate"] for event in events_of(events, "train")}
+    expected = {step: PEAK_LR * expected_lr_factor("linear", step, 3, 8) for step in range(1, 9)}
+    assert logged == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def test_lr_max_steps_sizes_schedule(tmp_path, model_dir):
+    # max_steps 5 of the 8 steps in an epoch: the decay must reach 0 at step 5, not at step 8.
+    config = tiny_config(
+        tmp_path,
+        model={"name_or_path": str(model_dir)},
+        training={"learning_rate": PEAK_LR, "eval_strategy": "no", "max_steps": 5},
+    )
+    code, events = run_recipe(config)
+    logged = {event["step"]: event["learning_rate"] for event in events_of(events, "train")}
+    assert code == 0
+    assert logged == pytest.approx({step: PEAK_LR * (5 - step) / 5 for step in range(1, 6)}, rel=1e-9, abs=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metric direction and the exported model
+
+
+@pytest.mark.parametrize(
+    ("name", "override", "expected"),
+    [
+        ("loss", None, False),
+        ("eval_loss", None, False),
+        ("Validation_LOSS", None, False),
+        ("accuracy", None, True),
+        ("f1_macro", None, True),
+        ("loss", True, True),
+        ("accuracy", False, False),
+    ],
+)
+def test_metric_direction(name, override, expected):
+    assert metric_greater_is_better(name, override) is expected
+
+
+def write_flipped_validation(path: Path) -> Path:
+    """Write 16 validation reviews with every 4th label flipped, so the validation loss first falls while the
+    model learns the cue words, then rises as it grows confident on the flipped rows: its minimum lies inside."""
+    make_reviews_csv(path, 16, seed=2)
+    frame = pd.read_csv(path)
+    flipped = frame.index % 4 == 0
+    frame.loc[flipped, "label"] = frame.loc[flipped, "label"].map({"fresh": "rotten", "rotten": "fresh"})
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_export_is_best_by_loss(tmp_path, model_dir):
+    config = tiny_config(
+        tmp_path,
+        model={"name_or_path": str(model_dir)},
+        data={
+            "train": str(make_reviews_csv(tmp_path / "train.csv", 96, seed=1)),
+            "validation": str(write_flipped_validation(tmp_path / "validation.csv")),
+            "test": str(make_reviews_csv(tmp_path / "test.csv", 8, seed=3)),
+        },
+        training={
+            "num_train_epochs": 3,
+            "per_device_train_batch_size": 8,
+            "learning_rate": 1e-2,
+            "eval_strategy": "steps",
+            "eval_steps": 3,
+            "metric_for_best_model": "loss",
+        },
+    )
+    code, events = run_recipe(config)
+    evaluations = events_of(events, "eval", split="validation")
+    losses = [event["loss"] for event in evaluations]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    exported = json.loads((tmp_path / "run" / "export" / "eval_results.json").read_text())
+    run_end = events_of(events, "run_end")[0]
+
+    assert code == 0
+    # The run must make the choice matter: neither the final nor the highest loss is the lowest.
+    assert 0 < best < len(losses) - 1
+    assert exported["validation"]["loss"] == pytest.approx(losses[best], rel=1e-6)
+    assert run_end["best_step"] == evaluations[best]["step"]
+    assert run_end["best_value"] == pytest.approx(losses[best], rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config and pre-flight errors through the CLI
+
+
+def test_cli_lists_every_config_error(tmp_path, model_dir):
+    config = tiny_config(tmp_path, model={"name_or_path": str(model_dir)})
+    config["training"].update(learnig_rate=1e-3, num_train_epochs=0, lr_scheduler_type="cosin")
+    config["data"]["validation_size"] = -1
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    completed = run_cli("train", str(path))
+
+    assert completed.returncode == 2
+    assert "4 problem(s)" in completed.stderr
+    assert "training.learnig_rate" in completed.stderr
+    assert "did you mean 'learning_rate'" in completed.stderr
+    assert "training.num_train_epochs = 0" in completed.stderr
+    assert "training.lr_scheduler_type = 'cosin'" in completed.stderr
+    assert "data.validation_size = -1" in completed.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_data_error_before_weights(tmp_path):
+    # A model folder without weights: the data check has to fail first, or loading would fail differently.
+    model_dir = make_tiny_bert(tmp_path / "no_weights")
+    (model_dir / "model.safetensors").unlink()
+    config = tiny_config(tmp_path, model={"name_or_path": str(model_dir)}, data={"text_column": "review"})
+    path = tmp_path / "missing_column.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    completed = run_cli("train", str(path))
+
+    assert completed.returncode == 2
+    assert "'review' not found" in completed.stderr
+    assert "Available columns: text, label" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_data_error_ends_run_log(tmp_path, model_dir):
+    config = tiny_config(tmp_path, model={"name_or_path": str(model_dir)}, data={"label_column": "category"})
+    code, events = run_recipe(config)
+    run_end = events_of(events, "run_end")
+    assert code == 2
+    assert len(run_end) == 1
+    assert run_end[0]["status"] == "failed"
+    assert "'category' not found" in run_end[0]["error"]
+    assert events_of(events, "run_start") == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A real pretrained backbone on real reviews
+
+
+@pytest.mark.slow
+def test_minilm_beats_chance(tmp_path):
+    config = {
+        "task": "text-classification",
+        "model": {"name_or_path": "asset:minilm"},
+        "data": {
+            "train": "asset:rotten_tomatoes",
+            "text_column": "text",
+            "label_column": "category",
+            "keep_labels": ["fresh", "rotten"],
+            "validation_size": 0.1,
+            "test_size": 0.1,
+            "max_length": 64,
+            "max_train_samples": 1200,
+            "max_eval_samples": 300,
+        },
+        "training": {
+            "num_train_epochs": 1,
+            "per_device_train_batch_size": 32,
+            "per_device_eval_batch_size": 128,
+            "learning_rate": 1e-4,
+            "warmup_ratio": 0.1,
+            "mixed_precision": "auto",
+            "logging_steps": 10,
+        },
+        "checkpoint": {"save_every_epoch": False, "save_steps": 1000},
+        "output": {"run_dir": str(tmp_path / "run"), "export": "final"},
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the real model is large enough to gain from both cores
+    try:
+        code, events = run_recipe(config)
+    finally:
+        torch.set_num_threads(threads)
+    test = events_of(events, "eval", split="test")[0]
+
+    assert code == 0
+    assert test["num_examples"] == 300
+    assert test["accuracy"] > 0.6
