@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 import random
 import signal
 import subprocess
@@ -140,7 +139,7 @@ def test_queue_runs_in_order(tmp_path, project, offline):
 @pytest.mark.timeout(600)
 def test_stop_then_resume_completes(tmp_path, project, offline):
     workspace = Workspace(tmp_path / "ws")
-    job = submit(workspace, project, "training.num_train_epochs=4")
+    job = submit(workspace, project, "training.num_train_epochs=3")
     scheduler = Scheduler(workspace, max_cpu_jobs=1)
     wait_for(scheduler, workspace, job.id, has_event("train"))
     assert workspace.stop(job.id).status == JobStatus.STOPPING

@@ -11,7 +11,7 @@ from typing import Callable
 
 from ..config import ConfigError
 from .progress import Progress, read_progress
-from .store import FINAL_STATUSES, Job, JobError
+from .store import FINAL_STATUSES, JobError
 from .workspace import LOG_STREAMS, Workspace
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ share the host, so at most `max_cpu_jobs` of them run at once.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import sys
@@ -15,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .store import JOB_CONFIG_FILE
-
-logger = logging.getLogger(__name__)
 
 GPU_COUNT_ENV = "FINETUNE_GPU_COUNT"
 ACCELERATE_CONFIGS_ENV = "FINETUNE_ACCELERATE_CONFIGS"

@@ -8,15 +8,11 @@ so leftovers can be found even after they were re-parented.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 from typing import Iterable
 
 import psutil
-
-
-logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "FINETUNE_JOB_TOKEN"
 # psutil derives the creation time from the boot time and clock ticks, so one process always reads the same
