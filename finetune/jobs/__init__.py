@@ -11,8 +11,12 @@ Typical use (the web app and the `finetune jobs` CLI do exactly this)::
     progress = read_progress(workspace.get(job.id))
     workspace.stop(job.id); workspace.resume(job.id)
 
-Actions on the wrong status raise `InvalidTransition`; unknown ids raise `JobNotFound`; a bad config raises
-`finetune.config.ConfigError` listing every problem.
+Actions on the wrong status raise `InvalidTransition`, unknown ids raise `JobNotFound`, and a bad config
+raises `finetune.config.ConfigError` listing every problem.
+
+Besides the files of `finetune.runlog`, a job's run folder `runs/<id>/` contains `job_config.yaml` (the
+submitted config), `stdout.log` and `stderr.log` (the processes' output, where the run also logs), and
+`exit_code.json` (the outcome of the last attempt, written by `finetune.jobs.runner`).
 """
 
 from ..config import ConfigError

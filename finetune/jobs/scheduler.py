@@ -62,7 +62,8 @@ class Scheduler:
         self.stop_timeout = stop_timeout
         self.train_module = train_module
         self._children: dict[int, _Child] = {}
-        self._attached: set[str] = set()
+        self._attached: set[str] = set()  # Tokens of attempts this scheduler watches.
+        self._stopping: set[str] = set()  # Tokens of attempts whose stop request was logged.
         self._stop_event = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # tick() from run_forever and from a test or the app never overlap.
@@ -123,6 +124,9 @@ class Scheduler:
                 self._attached.add(job.token)
                 if job.id not in self._children:
                     logger.info("re-attached job %d (pid %d, attempt %d)", job.id, job.pid, job.attempt)
+            if job.status == JobStatus.STOPPING and job.token not in self._stopping:
+                self._stopping.add(job.token)
+                logger.info("job %d is stopping (SIGTERM sent); it is killed if still running after %.0f s", job.id, self.stop_timeout)
             self._enforce_stop_timeout(job, process, now)
 
     def _live_process(self, job: Job):
@@ -134,6 +138,7 @@ class Scheduler:
     def _record_end(self, job: Job) -> None:
         self._children.pop(job.id, None)
         self._attached.discard(job.token or "")
+        self._stopping.discard(job.token or "")
         finished = finish_attempt(self.store, job)
         if finished is None:
             return
