@@ -43,7 +43,7 @@ class FeatureCacheError(ValueError):
 def should_cache_features(
     schedule: ScheduleConfig, controller: ScheduleController, augmented: bool, num_processes: int = 1
 ) -> bool:
-    """Decide whether to train the head on cached features, as `schedule.cache_features` says.
+    """Decide whether to train the head on cached features, as `schedule.cache_features` sets it.
 
     auto caches when nothing below the head ever trains, frozen groups are deterministic (eval mode, no
     training BatchNorm), inputs are not augmented, the head is one module, and the run has one process.
@@ -179,11 +179,11 @@ def feature_dataloader(
         batch_size=batch_size,
         shuffle=seed is not None,
         generator=generator,
-        collate_fn=_collate_features,
+        collate_fn=collate_features,
     )
 
 
-def _collate_features(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+def collate_features(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
     return {"features": torch.stack([row[0] for row in rows]), "labels": torch.stack([row[1] for row in rows])}
 
 

@@ -17,9 +17,9 @@ What the training loop calls, in order:
    on the unwrapped model, before `accelerator.prepare`;
 2. `optimizer = AdamW(controller.optimizer_param_groups(), betas=..., eps=...)` and
    `LambdaLR(optimizer, controller.lr_lambdas(base_lambda))`;
-3. before each optimizer step's first micro-batch: `record = controller.update(step, epoch)`; when it is not
-   None, `model = controller.after_change(accelerator, model)` (a new DDP wrapper under DDP), then log the
-   record and write it as a `stage` event;
+3. before each optimizer step's first micro-batch: `record = controller.update(step, epoch)`. When it is
+   not None, `model = controller.after_change(accelerator, model)` returns a new DDP wrapper under DDP, and
+   the loop logs the record and writes it as a `stage` event;
 4. right after every `model.train()`: `controller.set_modes(model)`.
 """
 
@@ -246,7 +246,7 @@ class ScheduleController:
                     parameter.grad = None
 
     def set_modes(self, model: nn.Module | None = None) -> None:
-        """Put frozen groups in eval mode (unless `frozen_mode: train`) and their BatchNorm as `train_bn` says.
+        """Put frozen groups in eval mode (unless `frozen_mode: train`) and their BatchNorm as `train_bn` sets.
 
         Call it right after every `model.train()`. Trainable groups follow the model's own mode. With
         `train_bn: false`, BatchNorm inside frozen groups is always in eval mode, so its running statistics
@@ -277,13 +277,14 @@ class ScheduleController:
         return not (self.schedule.train_bn and any(self._batchnorms[:head]))
 
     def _warn_unreached_stages(self) -> None:
-        for stage in self.stages[1:]:
-            if stage.start_step >= self.total_steps:
-                logger.warning(
-                    "Stage %d (%s) starts at step %d but the run has %d steps, so it never runs; "
-                    "lower its start (e.g. schedule.freeze_epochs) or train longer.",
-                    stage.index, stage.name, stage.start_step, self.total_steps,
-                )
+        unreached = [stage for stage in self.stages[1:] if stage.start_step >= self.total_steps]
+        if unreached:
+            first = unreached[0]
+            logger.warning(
+                "%d of %d schedule stages never run: the run has %d optimizer steps and stage %d (%s) starts at "
+                "step %d. Start stages earlier (schedule.freeze_epochs, unfreeze_every_*, stages) or train longer.",
+                len(unreached), len(self.stages), self.total_steps, first.index, first.name, first.start_step,
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------

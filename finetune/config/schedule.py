@@ -12,23 +12,32 @@ Preset = Literal["full", "linear_probe", "freeze_then_unfreeze", "gradual", "mil
 
 
 class StageConfig(Section):
-    """One stage of a `milestones` schedule; it lasts until `until_epoch` or `until_step` (exclusive)."""
+    """One stage of a `milestones` schedule; it starts where the previous one ends and the last one runs to the end."""
 
-    until_epoch: int | None = Field(None, ge=1, description="The stage ends when this epoch starts (1-based count).")
-    until_step: int | None = Field(None, ge=1, description="The stage ends at this optimizer step.")
+    until_epoch: int | None = Field(
+        None, ge=1, description="The stage ends after this many epochs, counted from the start of the run."
+    )
+    until_step: int | None = Field(
+        None, ge=1, description="The stage ends after this many optimizer steps, counted from the start of the run."
+    )
     train: str | list[str] = Field(
         "all",
         description="Groups that train: 'head', 'all', 'top:K' (head plus the K groups below it), "
         "'slice:A:B' (group indices), or a list of group-name patterns.",
     )
-    learning_rate: float | None = Field(None, gt=0.0, description="Peak rate of the top group in this stage; null keeps training.learning_rate.")
+    learning_rate: float | None = Field(
+        None, gt=0.0,
+        description="Peak rate of the group below the head in this stage (the head gets it times head_lr_multiplier, "
+        "lower groups decay from it); null keeps training.learning_rate.",
+    )
 
 
 class ScheduleConfig(Section):
     preset: Preset = Field(
         "full",
         description="full: everything trains. linear_probe: only the head. freeze_then_unfreeze: head for "
-        "freeze_epochs, then all. gradual: one more group every unfreeze_every_epochs/steps. milestones: `stages`.",
+        "freeze_epochs, then all groups (layer_decay below 1 makes their rates discriminative). gradual: one more "
+        "group, top-down, every unfreeze_every_epochs/steps. milestones: `stages`.",
     )
     freeze_epochs: int = Field(1, ge=1, description="Head-only epochs before unfreezing, for freeze_then_unfreeze.")
     unfreeze_every_epochs: int | None = Field(
@@ -75,7 +84,7 @@ class ScheduleConfig(Section):
                 issues.append(
                     ConfigIssue(
                         f"schedule.stages.{index}", stage.model_dump(), "needs exactly one of until_epoch and until_step.",
-                        "give each stage but the last one end.",
+                        "give every stage but the last an until_epoch or an until_step.",
                     )
                 )
         if self.preset == "gradual" and self.unfreeze_every_epochs is None and self.unfreeze_every_steps is None:
