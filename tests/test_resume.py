@@ -1,0 +1,320 @@
+"""Exact resume: interrupted-and-resumed `finetune.train` runs end with the weights of an uninterrupted run.
+
+Every run is a real `finetune.train.main` call in its own process, on a micro BERT (hidden size 8, a
+31-word vocabulary) so that a step and a checkpoint take milliseconds. Processes are forked from a server
+that has imported the engine already, so a restart costs well under a second instead of the import time.
+
+Interruptions are real: SIGKILL or SIGTERM from outside at random moments, or SIGKILL sent by the training
+process to itself right after a chosen micro-batch, to hit exact places such as the middle of a gradient
+accumulation group or either side of an unfreeze.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+import yaml
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+from finetune import runlog
+from finetune.checkpoint import is_complete, list_complete, read_checkpoint_record
+from finetune.precision import cpu_supports_bf16
+from tiny import NEGATIVE_WORDS, NEUTRAL_WORDS, POSITIVE_WORDS, make_reviews_csv, merge
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_TIMEOUT = 300  # seconds for one training process; the runs here take a few seconds each
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Micro model and configs
+
+
+def make_micro_bert(folder: Path, seed: int = 0) -> Path:
+    """Save a random 2-layer BERT with hidden size 8 and a word-level tokenizer of the review words."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    vocab = {word: index for index, word in enumerate(specials + POSITIVE_WORDS + NEGATIVE_WORDS + NEUTRAL_WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        model_max_length=32,
+    )
+    config = transformers.BertConfig(
+        vocab_size=len(vocab), hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16,
+        max_position_embeddings=32, num_labels=2,
+    )
+    torch.manual_seed(seed)
+    transformers.BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    """The micro model folder and a 48-row review CSV (32 train, 8 validation, 8 test rows)."""
+    folder = tmp_path_factory.mktemp("resume_assets")
+    make_micro_bert(folder / "micro_bert")
+    make_reviews_csv(folder / "reviews.csv", 48)
+    return folder
+
+
+def micro_config(assets: Path, run_dir: Path, **overrides) -> dict:
+    """Return a config for the micro model: 2 epochs of 8 steps (batch 4), a checkpoint every 2 steps."""
+    config = {
+        "task": "text-classification",
+        "model": {"name_or_path": str(assets / "micro_bert")},
+        "data": {
+            "train": str(assets / "reviews.csv"),
+            "text_column": "text",
+            "label_column": "label",
+            "validation_size": 8,
+            "test_size": 8,
+            "max_length": 32,
+        },
+        "training": {
+            "num_train_epochs": 2,
+            "per_device_train_batch_size": 4,
+            "per_device_eval_batch_size": 8,
+            "learning_rate": 5e-3,
+            "warmup_steps": 3,
+            "mixed_precision": "no",
+            "logging_steps": 1,
+            "eval_strategy": "epoch",
+            "seed": 7,
+        },
+        "checkpoint": {"save_steps": 2, "save_every_epoch": True, "save_total_limit": 2},
+        "output": {"run_dir": str(run_dir), "export": "final"},
+    }
+    return merge(config, overrides)
+
+
+def write_config(config: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running training processes
+
+
+@pytest.fixture(scope="module")
+def forkserver():
+    """A multiprocessing context whose server has imported the engine, so each run starts in milliseconds.
+
+    Python 3.11 does not pass sys.path to the server, so PYTHONPATH carries it while the server starts.
+    """
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), str(REPO)] + ([saved] if saved else []))
+    context = multiprocessing.get_context("forkserver")
+    # torch.optim imports torch._dynamo on first use, and transformers imports model classes lazily.
+    context.set_forkserver_preload(
+        [__name__, "finetune.train", "torch._dynamo", "transformers.models.bert.modeling_bert"]
+    )
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
+    return context
+
+
+def _train_process(config_path: str, kill_after_micro_batches: int | None) -> None:
+    """Run `finetune.train.main` on `config_path` and exit with its code (target of a forked process).
+
+    With `kill_after_micro_batches`, the process sends itself SIGKILL right after that many forward/backward
+    passes, counted from its start.
+    """
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1")
+    from finetune import train
+
+    if kill_after_micro_batches is not None:
+        original = train.FineTuneRecipe._forward_backward
+        calls = 0
+
+        def forward_backward_then_die(self, *args, **kwargs):
+            nonlocal calls
+            result = original(self, *args, **kwargs)
+            calls += 1
+            if calls == kill_after_micro_batches:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+
+        train.FineTuneRecipe._forward_backward = forward_backward_then_die
+    sys.exit(train.main([config_path]))
+
+
+def start_training(forkserver, config_path: Path, kill_after_micro_batches: int | None = None):
+    process = forkserver.Process(target=_train_process, args=(str(config_path), kill_after_micro_batches))
+    process.start()
+    return process
+
+
+def run_training(forkserver, config_path: Path, kill_after_micro_batches: int | None = None) -> int:
+    """Run one training process to its end; return its exit code (negative: killed by that signal)."""
+    process = start_training(forkserver, config_path, kill_after_micro_batches)
+    process.join(RUN_TIMEOUT)
+    if process.is_alive():
+        process.kill()
+        process.join()
+        pytest.fail(f"training on {config_path} did not finish within {RUN_TIMEOUT} s")
+    return process.exitcode
+
+
+def exported_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / runlog.EXPORT_DIR / "model.safetensors"))
+
+
+def different_tensors(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> list[str]:
+    """Return the names of tensors that are missing or not bit-identical."""
+    names = sorted(set(expected) | set(actual))
+    return [name for name in names if name not in expected or name not in actual or not torch.equal(expected[name], actual[name])]
+
+
+def run_starts(run_dir: Path) -> list[dict]:
+    return [event for event in runlog.read_events(run_dir) if event["event"] == "run_start"]
+
+
+def run_end(run_dir: Path) -> dict:
+    return [event for event in runlog.read_events(run_dir) if event["event"] == "run_end"][-1]
+
+
+class Baselines:
+    """Uninterrupted runs, one per config variant, computed once per module and reused by the tests."""
+
+    def __init__(self, forkserver, assets: Path, root: Path):
+        self.forkserver = forkserver
+        self.assets = assets
+        self.root = root
+        self.weights: dict[str, dict[str, torch.Tensor]] = {}
+
+    def get(self, name: str, **overrides) -> dict[str, torch.Tensor]:
+        if name not in self.weights:
+            run_dir = self.root / name / "run"
+            config_path = write_config(micro_config(self.assets, run_dir, **overrides), self.root / name / "config.yaml")
+            code = run_training(self.forkserver, config_path)
+            assert code == runlog.EXIT_COMPLETED, f"baseline {name} exited with {code}"
+            self.weights[name] = exported_weights(run_dir)
+        return self.weights[name]
+
+
+@pytest.fixture(scope="module")
+def baselines(forkserver, assets, tmp_path_factory) -> Baselines:
+    return Baselines(forkserver, assets, tmp_path_factory.mktemp("baselines"))
+
+
+def interrupt_and_resume(forkserver, config: dict, config_path: Path, kill_after: list[int]) -> Path:
+    """Run `config`, killing the process after each count of micro-batches in `kill_after`, then finish it."""
+    write_config(config, config_path)
+    for count in kill_after:
+        code = run_training(forkserver, config_path, kill_after_micro_batches=count)
+        assert code == -signal.SIGKILL, f"the run was to be killed after {count} micro-batches, but exited with {code}"
+    code = run_training(forkserver, config_path)
+    assert code == runlog.EXIT_COMPLETED
+    return Path(config["output"]["run_dir"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exact resume at chosen places
+
+
+def test_uninterrupted_runs_identical(forkserver, assets, baselines, tmp_path):
+    # Exactness claims below rest on this: two uninterrupted runs give identical weights.
+    run_dir = tmp_path / "run"
+    code = run_training(forkserver, write_config(micro_config(assets, run_dir), tmp_path / "config.yaml"))
+    assert code == runlog.EXIT_COMPLETED
+    assert different_tensors(baselines.get("full"), exported_weights(run_dir)) == []
+
+
+@pytest.mark.parametrize("kill_after", [[5], [11], [3, 5, 4]], ids=["epoch1", "epoch2", "three_times"])
+def test_full_finetune_resume_exact(forkserver, assets, baselines, tmp_path, kill_after):
+    config = micro_config(assets, tmp_path / "run")
+    run_dir = interrupt_and_resume(forkserver, config, tmp_path / "config.yaml", kill_after)
+    assert different_tensors(baselines.get("full"), exported_weights(run_dir)) == []
+    resumed = [event["resumed_from"] for event in run_starts(run_dir)]
+    assert resumed[0] is None
+    assert all(path is not None for path in resumed[1:])
+    assert len(resumed) == len(kill_after) + 1
+
+
+def test_resume_continues_mid_epoch(forkserver, assets, tmp_path):
+    # Killed after micro-batch 11 (epoch 2, step 11): the newest checkpoint is step 10, so the resumed run
+    # starts at step 10 with 2 of epoch 2's 8 batches done, and logs steps 11 to 16 only.
+    config = micro_config(assets, tmp_path / "run")
+    run_dir = interrupt_and_resume(forkserver, config, tmp_path / "config.yaml", [11])
+    second = run_starts(run_dir)[1]
+    assert Path(second["resumed_from"]).name == "checkpoint-10"
+    assert second["step"] == 10
+    assert second["epoch"] == 1.25
+    events = runlog.read_events(run_dir)
+    resumed_index = events.index(second)
+    train_steps = [event["step"] for event in events[resumed_index:] if event["event"] == "train"]
+    assert train_steps == list(range(11, 17))
+
+
+def test_resume_keeps_learning_rate(forkserver, assets, tmp_path):
+    # Killed during step 7 with checkpoints every 4 steps: steps 5 and 6 run again after resuming from
+    # checkpoint-4, and must log the same learning rate both times.
+    config = micro_config(assets, tmp_path / "run", checkpoint={"save_steps": 4})
+    run_dir = interrupt_and_resume(forkserver, config, tmp_path / "config.yaml", [7])
+    rates = {}
+    for event in runlog.read_events(run_dir):
+        if event["event"] == "train":
+            rates.setdefault(event["step"], []).append(event["learning_rate"])
+    assert sorted(rates) == list(range(1, 17))
+    assert len(rates[5]) == 2
+    assert rates[5][0] == rates[5][1]
+    assert rates[6][0] == rates[6][1]
+
+
+@pytest.mark.parametrize("kill_after", [[6], [11]], ids=["before_unfreeze", "after_unfreeze"])
+def test_unfreeze_resume_exact(forkserver, assets, baselines, tmp_path, kill_after):
+    # The head trains alone in epoch 1 (steps 1-8); from step 9 on everything trains, with layer-wise rates
+    # and a 2-step warm-up of the newly unfrozen groups.
+    schedule = {"preset": "freeze_then_unfreeze", "freeze_epochs": 1, "layer_decay": 0.7, "unfreeze_warmup_steps": 2}
+    expected = baselines.get("unfreeze", schedule=schedule)
+    config = micro_config(assets, tmp_path / "run", schedule=schedule, checkpoint={"save_steps": 3})
+    run_dir = interrupt_and_resume(forkserver, config, tmp_path / "config.yaml", kill_after)
+    assert different_tensors(expected, exported_weights(run_dir)) == []
+    stages = [event["stage"] for event in runlog.read_events(run_dir) if event["event"] == "stage"]
+    assert stages[-1] == 1
+
+
+def test_accumulation_resume_mid_group(forkserver, assets, baselines, tmp_path):
+    # Batch 2 and 3 micro-batches per step: 16 micro-batches per epoch make steps of 3, 3, 3, 3, 3 and 1.
+    # The kill after 8 micro-batches lands after the second of step 3's three; the resume replays from step 2.
+    training = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 3}
+    expected = baselines.get("accumulation", training=training)
+    config = micro_config(assets, tmp_path / "run", training=training, checkpoint={"save_steps": 1})
+    run_dir = interrupt_and_resume(forkserver, config, tmp_path / "config.yaml", [8])
+    assert different_tensors(expected, exported_weights(run_dir)) == []
+    assert Path(run_starts(run_dir)[1]["resumed_from"]).name == "checkpoint-2"
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16, which finetune requires for bf16")
+def test_bf16_resume_exact(forkserver, assets, baselines, tmp_path):
+    training = {"mixed_precision": "bf16"}
+    expected = baselines.get("bf16", training=training)
+    config = micro_config(assets, tmp_path / "run", training=training)
+    run_dir = interrupt_and_resume(forkserver, config, tmp_path / "config.yaml", [12])
+    assert different_tensors(expected, exported_weights(run_dir)) == []
+    assert different_tensors(baselines.get("full"), expected) != []  # bf16 really changed the arithmetic
