@@ -434,3 +434,22 @@ def test_ddp_gradual_unfreeze_two_processes(tmp_path):
     assert result["layer0_changed"] is True
     assert result["embeddings_changed"] is False
     assert result["max_diff_vs_reference"] < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Through the training recipe
+
+
+def test_recipe_writes_stage_events(tmp_path):
+    from tiny import run_recipe, tiny_config
+
+    config = tiny_config(
+        tmp_path, schedule={"preset": "gradual", "unfreeze_every_steps": 2, "unfreeze_warmup_steps": 2, "layer_decay": 0.5}
+    )
+    code, events = run_recipe(config)
+    stages = [event for event in events if event["event"] == "stage"]
+    assert code == 0
+    assert [(event["step"], event["name"]) for event in stages] == [(0, "head"), (2, "top:1"), (4, "top:2"), (6, "top:3")]
+    # 8 steps, linear decay without warm-up: base(2) = 0.75; the neck, unfrozen at step 2, is at 1/2 warm-up.
+    assert stages[1]["learning_rates"]["neck"] == pytest.approx(1e-3 * 0.75 * 0.5)
+    assert stages[1]["learning_rates"]["encoder.layer.1"] == 0.0
