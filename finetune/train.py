@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from . import runlog
@@ -32,6 +32,7 @@ from .config import ConfigError, RunConfig, load_config, save_config
 from .data import PreparedData, prepare_data
 from .data.common import DataError
 from .export import export_model
+from .features import CachedHead, collate_features, cache_head_inputs, should_cache_features
 from .groups import discover_layer_groups
 from .log import get_logger, setup_logging
 from .metrics import compute_classification_metrics
@@ -109,6 +110,7 @@ class FineTuneRecipe:
         self._setup_optimizer()
         self._setup_dataloaders()
         self._prepare()
+        self._setup_feature_cache()
         self._setup_checkpointing()
 
     def cleanup(self) -> None:
@@ -250,6 +252,45 @@ class FineTuneRecipe:
                 f"{len(self.train_loader)}; the scheduler would be sized wrongly"
             )
 
+    def _setup_feature_cache(self) -> None:
+        """With the backbone frozen all run and inputs fixed, compute the head's inputs once and train on them."""
+        self.cached_head = None
+        use_cache = should_cache_features(
+            self.config.schedule, self.controller, self.data.augmented, self.accelerator.num_processes
+        )
+        if not use_cache:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        head = CachedHead.from_model(model, self.groups)
+        started = time.perf_counter()
+        # Train features in dataset order, so the usual epoch sampler picks the same batches as without caching.
+        train_features = cache_head_inputs(model, head.module, self._eval_loader(self.data.train))
+        self.train_loader = DataLoader(TensorDataset(*train_features), batch_sampler=self.train_sampler,
+                                       collate_fn=collate_features)
+        self.validation_loader = self._feature_loader(model, head, self.validation_loader)
+        if self.test_loader is not None:
+            self.test_loader = self._feature_loader(model, head, self.test_loader)
+        self.cached_head = head
+        logger.info("Cached the frozen backbone's features in %.1f s; the head trains on them",
+                    time.perf_counter() - started)
+
+    def _feature_loader(self, model, head, loader) -> DataLoader:
+        features, labels = cache_head_inputs(model, head.module, loader)
+        order = getattr(loader.batch_sampler, "order", None)
+        if order is not None:  # back to dataset order, as `evaluate` expects of loaders without an order
+            inverse = torch.empty(len(order), dtype=torch.long)
+            inverse[torch.tensor(order)] = torch.arange(len(order))
+            features, labels = features[inverse], labels[inverse]
+        return DataLoader(TensorDataset(features, labels), batch_size=self.training.per_device_eval_batch_size,
+                          collate_fn=collate_features)
+
+    def _forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (mean loss, logits [batch, num_labels]) from the model, or from the head on cached features."""
+        if self.cached_head is not None:
+            return self.cached_head.loss_and_logits(batch)
+        outputs = self.model(**batch)
+        return outputs.loss, outputs.logits
+
     def _setup_checkpointing(self) -> None:
         self.checkpoints = CheckpointManager(self.run_dir, self.accelerator, self.config.checkpoint.save_total_limit)
         self.metric_name = self.training.metric_for_best_model
@@ -298,7 +339,8 @@ class FineTuneRecipe:
         # Accelerate's prepared loader re-seeds its batch sampler with its own count of finished passes each
         # time it is iterated. A mid-epoch resume runs the rest of that epoch through a skip loader, so the
         # count would then lag one epoch behind and replay an earlier epoch's order; setting it keeps both equal.
-        self.train_loader.set_epoch(self.state.epoch)
+        if hasattr(self.train_loader, "set_epoch"):  # a plain DataLoader over cached features has none
+            self.train_loader.set_epoch(self.state.epoch)
         if hasattr(self.data.train, "set_epoch"):
             self.data.train.set_epoch(self.state.epoch)
         loader = self.train_loader
@@ -332,17 +374,18 @@ class FineTuneRecipe:
             self._log_stage(change)
         self.model.train()
         self.controller.set_modes(self.accelerator.unwrap_model(self.model))
+        if self.cached_head is not None:
+            self.cached_head.train()
 
     def _forward_backward(self, batch: dict, group_size: int, sync: bool) -> torch.Tensor:
         # Gradients are all-reduced only on the last micro-batch of a group.
         context = nullcontext() if sync else self.accelerator.no_sync(self.model)
         with context:
-            outputs = self.model(**batch)
-            loss = outputs.loss
+            loss, logits = self._forward(batch)
             self.accelerator.backward(loss / group_size)
         labels = batch["labels"]
         with torch.no_grad():
-            self.state.train_correct += int((outputs.logits.argmax(-1) == labels).sum())
+            self.state.train_correct += int((logits.argmax(-1) == labels).sum())
             self.state.train_seen += labels.numel()
             self.state.train_loss_sum += float(loss.detach()) * labels.numel()
         self._window_samples += labels.numel()
@@ -438,9 +481,11 @@ class FineTuneRecipe:
         Returns the metrics and the gathered `predictions`, `labels` and `logits` (main process has them all).
         """
         self.model.eval()
+        if self.cached_head is not None:
+            self.cached_head.eval()
         logits_list, labels_list, losses = [], [], []
         for batch in loader:
-            logits = self.model(**batch).logits.float()
+            logits = self._forward(batch)[1].float()
             per_example = F.cross_entropy(logits, batch["labels"], reduction="none")
             # gather_for_metrics drops the duplicates Accelerate adds to even out the last round of batches.
             logits, labels, per_example = self.accelerator.gather_for_metrics((logits, batch["labels"], per_example))
