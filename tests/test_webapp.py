@@ -36,7 +36,7 @@ def make_tiny_bert(folder: Path) -> Path:
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=37, max_position_embeddings=64)
+                        intermediate_size=37, max_position_embeddings=128)
     BertModel(config).save_pretrained(folder)
     return folder
 
@@ -173,7 +173,7 @@ def locked_server(tmp_path_factory):
 
 
 def job_id_from(status_text: str) -> str:
-    # The launch status reads "✅ Job **ID** queued as ...".
+    # The launch status reads "Job **ID** queued as ...".
     return status_text.split("**")[1]
 
 

@@ -289,3 +289,10 @@ def test_confusion_figure_counts():
     figure = plots.confusion_figure(["a", "a", "b"], ["a", "b", "b"], ["a", "b"])
     texts = sorted(text.get_text() for text in figure.axes[0].texts)
     assert texts == ["0", "1", "1", "1"]
+
+
+def test_log_lines_drop_progress_redraws():
+    from finetune.webapp.runs import clean_log_lines
+
+    text = "start\ntraining:  10%|#  | 1/10\rtraining:  20%|## | 2/10\r\n\x1b[1mbold\x1b[0m end\n"
+    assert clean_log_lines(text) == ["start", "training:  20%|## | 2/10", "bold end", ""]

@@ -105,7 +105,7 @@ def status_text(job: JobView) -> str:
         parts.append(f"best {job.metric} {job.best:.4f}")
     text = " · ".join(parts)
     if job.failure_reason:
-        text += f"\n\n⚠ {job.failure_reason}"
+        text += f"\n\n**Failure:** {job.failure_reason}"
     return text
 
 
@@ -128,7 +128,7 @@ def _action_handler(service: JobService, action: str):
         except (KeyError, ValueError, OSError) as error:
             # The job service raises these for an unknown id or an action that does not fit the status.
             logger.info("job %s: %s failed: %s", job_id, action, error)
-            return f"❌ {action} failed for job {job_id}: {error}"
+            return f"**Error:** {action} failed for job {job_id}: {error}"
 
     return handle
 
@@ -141,7 +141,7 @@ def zip_job_export(service: JobService, settings: AppSettings, job_id: str | Non
     try:
         path = runs.zip_export(run_dir, settings.download_dir, f"job-{job_id}-export")
     except FileNotFoundError as error:
-        return None, f"❌ {error}"
+        return None, f"**Error:** {error}"
     return str(path), f"Zipped the export of job {job_id} ({Path(path).stat().st_size / 2**20:.1f} MiB)."
 
 

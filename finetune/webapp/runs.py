@@ -6,6 +6,7 @@ Everything here reads the files that `finetune.runlog` documents; nothing import
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -38,8 +39,21 @@ def tail_log(run_dir: Path, max_lines: int = 200, max_bytes: int = 256 * 1024) -
         with open(path, "rb") as handle:
             handle.seek(max(0, path.stat().st_size - max_bytes))
             text = handle.read().decode("utf-8", errors="replace")
-        return "\n".join(text.splitlines()[-max_lines:])
+        return "\n".join(clean_log_lines(text)[-max_lines:])
     return "(no log yet)"
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def clean_log_lines(text: str) -> list[str]:
+    """Split a captured log into lines as a terminal shows them: colour codes removed, and of each line
+    redrawn with carriage returns (tqdm progress bars) only its last state kept."""
+    lines = []
+    for line in _ANSI_ESCAPE.sub("", text).split("\n"):
+        last = line.rstrip("\r").rsplit("\r", 1)[-1]
+        lines.append(last)
+    return lines
 
 
 def metric_name(config: dict) -> str:

@@ -17,6 +17,9 @@ from .settings import AppSettings
 
 logger = get_logger(__name__)
 
+# Form fields whose change redraws the schedule picture.
+SCHEDULE_KEYS = ("model.name_or_path", "schedule.preset", "training.learning_rate", "training.num_train_epochs")
+
 
 def build_train_tab(settings: AppSettings, service: JobService) -> None:
     """Lay out the Train tab inside the current `gr.Blocks` and wire its events."""
@@ -80,15 +83,21 @@ def backbone_choices(settings: AppSettings) -> list[tuple[str, str]]:
 
 def _wire(settings, service, inputs, errors, editor, other_errors, status, schedule_plot, buttons) -> None:
     upload, validate_button, launch_button = buttons
-    for component in inputs:
-        component.input(sync_form_to_yaml, [editor, *inputs], editor, show_progress="hidden", api_visibility="private").then(
-            lambda text: schedule_picture(text, settings), editor, schedule_plot, show_progress="hidden",
-            api_visibility="private",
-        )
+    def picture(text: str):
+        return schedule_picture(text, settings)
+
+    for key, component in zip(configform.FORM_KEYS, inputs):
+        synced = component.input(sync_form_to_yaml, [editor, *inputs], editor, show_progress="hidden",
+                                 api_visibility="private")
+        if key in SCHEDULE_KEYS:
+            # One shared queue of limit 1 draws the pictures in the order of the edits, so a slow, older
+            # picture never replaces a newer one.
+            synced.then(picture, editor, schedule_plot, show_progress="hidden", api_visibility="private",
+                        concurrency_id="schedule-picture", concurrency_limit=1)
     editor.input(sync_yaml_to_form, editor, inputs, show_progress="hidden", trigger_mode="always_last",
                  api_visibility="private")
-    editor.blur(lambda text: schedule_picture(text, settings), editor, schedule_plot, show_progress="hidden",
-                api_visibility="private")
+    editor.blur(picture, editor, schedule_plot, show_progress="hidden", api_visibility="private",
+                concurrency_id="schedule-picture", concurrency_limit=1)
 
     def validate(text: str):
         return validation_outputs(text, settings, len(inputs))
@@ -158,13 +167,13 @@ def validation_outputs(text: str, settings: AppSettings, field_count: int) -> li
     updates = []
     for key in configform.FORM_KEYS[:field_count]:
         messages = by_field.get(key, [])
-        text = "\n\n".join(f"⚠ `{key}` {message}" for message in messages)
+        text = "\n\n".join(f"**Error:** `{key}` {message}" for message in messages)
         updates.append(gr.update(value=text, visible=bool(messages)))
     other_text = "\n".join(f"- {line}" for line in others)
     if config is None:
         status = f"**{len(issues)} problem(s)** — fix them and validate again."
     else:
-        status = "✅ The config is valid."
+        status = "The config is valid."
     return [*updates, other_text, status, schedule_picture(text, settings)]
 
 
@@ -175,7 +184,7 @@ def launch_job(text: str, settings: AppSettings, service: JobService, field_coun
     if config is None:
         return outputs
     job_id = service.submit(config)
-    outputs[-2] = f"✅ Job **{job_id}** queued as `{config.name}`. Watch it on the Jobs tab."
+    outputs[-2] = f"Job **{job_id}** queued as `{config.name}`. Watch it on the Jobs tab."
     return outputs
 
 
@@ -187,7 +196,7 @@ def accept_upload(path: str | None, text: str, settings: AppSettings, field_coun
     try:
         stored = store_upload(path, settings.upload_dir, settings.max_upload_bytes)
     except UploadRejected as error:
-        return [*keep, f"❌ {error}", None]
+        return [*keep, f"**Upload rejected:** {error}", None]
     finally:
         Path(path).unlink(missing_ok=True)  # Gradio's cached copy is no longer needed either way.
     try:

@@ -135,7 +135,7 @@ def predict_pair(settings, service, cache, model_a, model_b, image_path, text, t
             results.append(classify(cache.get(folder), image_path, text, int(top_k)))
         except (PathNotAllowed, FileNotFoundError, ValueError, KeyError) as error:
             results.append(None)
-            notes.append(f"❌ {value}: {error}")
+            notes.append(f"**Error:** {value}: {error}")
     return results[0], results[1], "\n\n".join(notes)
 
 
