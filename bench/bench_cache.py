@@ -5,8 +5,8 @@ Usage: `python bench/bench_cache.py [--examples 2000] [--batch-size 32] [--cache
 Uses the offline assets: all-MiniLM-L6-v2 (22.7M parameters) with a new 2-class head, and Rotten Tomatoes
 reviews (fresh/rotten, deduplicated, a seeded sample). Both runs use the same ScheduleController
 (`linear_probe`, frozen groups in eval mode) and AdamW; tokenisation is done beforehand and not timed.
-The uncached epoch runs every batch through the encoder; the cached run computes the head's inputs once (timed
-separately) and then trains the classifier on them for `--cached-epochs` epochs, whose mean is reported.
+The uncached epoch runs every batch through the encoder. The cached run computes the head's inputs once (timed
+separately) and then trains the classifier on them for `--cached-epochs` epochs, and reports their mean.
 Prints one line per measurement and the speed-up ratio; timings depend on the machine and its load.
 """
 

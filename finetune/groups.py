@@ -9,9 +9,9 @@ Discovery, in order of precedence:
 1. `model.layer_groups` patterns from the config (fnmatch on module names), for any model;
 2. timm models (bare, or wrapped by transformers' `TimmWrapperForImageClassification` at `.timm_model`):
    timm's own `group_matcher(coarse=False)`, with the classifier split off as the head;
-3. transformers models: parameters outside `model.base_model` are the head; inside it, the largest
-   `nn.ModuleList` (by parameter count) holds the blocks, and parameters registered before it are the
-   embeddings and after it the neck.
+3. transformers models: parameters outside `model.base_model` are the head. Inside it, the largest
+   `nn.ModuleList` (by parameter count) contains the blocks. Parameters registered before that list are the
+   embeddings, and those registered after it are the neck.
 
 A peft model is grouped through `get_base_model()`, and parameter names keep the peft prefix.
 """
@@ -49,8 +49,8 @@ _PATTERN_EXAMPLE = """model:
 class LayerGroup:
     """One layer group: its name, the modules wholly inside it and its (name, parameter) pairs.
 
-    `module_names` are the largest modules whose parameters all belong to this group, and `modules` the
-    same modules; calling `.eval()` on them reaches every submodule of the group, dropout included. Module
+    `module_names` are the largest modules whose parameters all belong to this group, and `modules` are the
+    same modules, so calling `.eval()` on them reaches every submodule of the group, dropout included. Module
     names are those of the unwrapped model (inside a peft wrapper); parameter names are the model's own.
     """
 
@@ -105,10 +105,10 @@ def _assign_by_patterns(model: nn.Module, patterns: list[LayerGroupPattern]) -> 
         else:
             assignment[group].append(name)
     if unmatched:
-        shown = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
+        listed = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
         raise LayerGroupError(
             f"model.layer_groups leaves {len(unmatched)} parameter(s) of {type(model).__name__} without a group: "
-            f"{shown}. Add patterns that match their modules (see `finetune inspect MODEL`)."
+            f"{listed}. Add patterns that match their modules (see `finetune inspect MODEL`)."
         )
     empty = [name for name, members in assignment.items() if not members]
     if empty:
@@ -257,10 +257,14 @@ def _root_modules(model: nn.Module, group_of: dict[str, str]) -> dict[str, list[
 def _check_every_parameter_grouped(model: nn.Module, groups: list[LayerGroup]) -> None:
     grouped = [id(parameter) for group in groups for _, parameter in group.parameters]
     if len(grouped) != len(set(grouped)):
-        raise LayerGroupError(f"a parameter of {type(model).__name__} landed in two layer groups; this is a bug.")
+        raise LayerGroupError(
+            f"internal error: a parameter of {type(model).__name__} is in two layer groups. Please report it."
+        )
     missing = [name for name, parameter in model.named_parameters() if id(parameter) not in set(grouped)]
     if missing:
-        raise LayerGroupError(f"parameters of {type(model).__name__} without a layer group: {missing[:5]}; this is a bug.")
+        raise LayerGroupError(
+            f"internal error: parameters of {type(model).__name__} without a layer group: {missing[:5]}. Please report it."
+        )
 
 
 def _unwrap_peft(model: nn.Module) -> tuple[nn.Module, dict[int, str] | None]:
@@ -309,9 +313,9 @@ def _joined_top_modules(names: list[str]) -> str:
     return "+".join(tops)
 
 
-def _unique(label: str, taken: dict) -> str:
+def _unique(label: str, existing: dict) -> str:
     candidate, number = label, 2
-    while candidate in taken:
+    while candidate in existing:
         candidate, number = f"{label}_{number}", number + 1
     return candidate
 
@@ -387,9 +391,4 @@ def _is_local(name: str) -> bool:
 
 def _looks_like_vision(config) -> bool:
     return hasattr(config, "num_channels") or hasattr(config, "image_size") or config.model_type == "timm_wrapper"
-
-
-def trainable_parameter_count(groups: list[LayerGroup]) -> int:
-    """Count elements of the parameters that currently require a gradient."""
-    return sum(parameter.numel() for group in groups for _, parameter in group.parameters if parameter.requires_grad)
 

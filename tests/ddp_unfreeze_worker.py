@@ -68,6 +68,7 @@ def main(out_path: str, rewrap: bool) -> None:
     start = {name: p.detach().clone() for name, p in model.named_parameters()}
     model, optimizer = accelerator.prepare(model, optimizer)
     rewrapper = (lambda m: controller.after_change(accelerator, m)) if rewrap else None
+
     half = GLOBAL_BATCH // world
     records, checksums = [], []
     for step in range(STEPS):
@@ -79,10 +80,12 @@ def main(out_path: str, rewrap: bool) -> None:
         checksums.append(accelerator.gather(total.reshape(1)).tolist())
     if rank != 0:
         return
+
     reference = build()
     ref_model = reference[0]
     for step in range(STEPS):
         train_step(*reference, global_batch(step), step, lambda loss: loss.backward())
+
     trained = dict(accelerator.unwrap_model(model).named_parameters())
     result = {
         "world_size": world,

@@ -121,8 +121,8 @@ def unchanged(before, after) -> bool:
 def test_param_groups_hold_every_parameter_once():
     model = tiny_bert()
     harness = Harness(model, ScheduleConfig(preset="linear_probe"))
-    held = [id(p) for group in harness.optimizer.param_groups for p in group["params"]]
-    assert sorted(held) == sorted(id(p) for p in model.parameters())
+    in_optimizer = [id(p) for group in harness.optimizer.param_groups for p in group["params"]]
+    assert sorted(in_optimizer) == sorted(id(p) for p in model.parameters())
 
 
 def test_param_groups_no_decay_for_bias_and_norm():
