@@ -12,7 +12,8 @@ What the training loop calls, single process only:
    once for the training data and once for each evaluation split (loaders in any order, unaugmented);
 3. each epoch: `for batch in feature_dataloader(features, labels, batch_size, seed + epoch)`:
    `loss, logits = head.loss_and_logits(batch)`, backward, optimizer and scheduler steps as usual. Call
-   `head.train()` for training and `head.eval()` for evaluation.
+   `head.train()` before training steps. For evaluation, `head_logits(head, features, batch_size)` returns
+   the logits of a cached split in its loader's order.
 
 The head's parameters are the model's own, so the optimizer, checkpoints and the exported model need no
 change. One difference to the uncached run is known: dropout that the model applies inside its own
@@ -185,6 +186,20 @@ def feature_dataloader(
 
 def collate_features(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
     return {"features": torch.stack([row[0] for row in rows]), "labels": torch.stack([row[1] for row in rows])}
+
+
+@torch.no_grad()
+def head_logits(head: CachedHead, features: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Return the head's logits [N, num_labels] for cached features, in eval mode and in order, on the CPU."""
+    was_training = head.training
+    head.eval()
+    try:
+        device = _device_of(head.module)
+        chunks = [head(features[start:start + batch_size].to(device)).float().cpu()
+                  for start in range(0, len(features), batch_size)]
+    finally:
+        head.train(was_training)
+    return torch.cat(chunks)
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -14,7 +14,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from finetune.config import ScheduleConfig, TrainingConfig
 from finetune.features import (
-    CachedHead, FeatureCacheError, cache_head_inputs, feature_dataloader, should_cache_features,
+    CachedHead, FeatureCacheError, cache_head_inputs, feature_dataloader, head_logits, should_cache_features,
 )
 from finetune.groups import discover_layer_groups
 from finetune.schedule import ScheduleController
@@ -142,3 +142,14 @@ def test_should_cache_true_raises_with_reason():
     controller = controller_for(tiny_bert(), schedule)
     with pytest.raises(FeatureCacheError, match="augmented"):
         should_cache_features(schedule, controller, augmented=True)
+
+
+def test_head_logits_match_model():
+    model = tiny_bert()
+    head = CachedHead.from_model(model, discover_layer_groups(model))
+    data = batches(2)
+    features, _ = cache_head_inputs(model, head.module, data)
+    model.eval()
+    with torch.no_grad():
+        expected = torch.cat([model(**{k: v for k, v in batch.items() if k != "labels"}).logits for batch in data])
+    assert torch.allclose(head_logits(head, features, batch_size=3), expected, atol=1e-6)

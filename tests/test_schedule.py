@@ -218,6 +218,50 @@ def test_gradual_unfreezes_top_down():
     ]
 
 
+def test_backward_stops_below_trainable_group():
+    # With the top encoder layer trainable, the lower layer's output needs no gradient, so autograd records
+    # nothing below it.
+    model = tiny_bert()
+    harness = Harness(model, ScheduleConfig(preset="milestones", stages=[StageConfig(train="top:2")]))
+    harness.controller.update(0, 0)
+    outputs = {}
+    for index in (0, 1):
+        model.bert.encoder.layer[index].register_forward_hook(
+            lambda module, args, output, index=index: outputs.__setitem__(index, output)
+        )
+    model(**text_batches(1)[0])
+    assert not _first_tensor(outputs[0]).requires_grad
+    assert _first_tensor(outputs[1]).requires_grad
+
+
+def _first_tensor(output):
+    return output if torch.is_tensor(output) else output[0]
+
+
+def test_frozen_mode_train_keeps_batchnorm_eval():
+    model = tiny_resnet()
+    harness = Harness(model, ScheduleConfig(preset="linear_probe", frozen_mode="train", train_bn=False))
+    harness.controller.update(0, 0)
+    model.train()
+    harness.controller.set_modes(model)
+    assert model.resnet.encoder.stages[0].training
+    assert not model.resnet.embedder.embedder.normalization.training
+
+
+def test_resumed_scheduler_gives_same_rates():
+    schedule = ScheduleConfig(preset="freeze_then_unfreeze", freeze_epochs=1, unfreeze_warmup_steps=3, layer_decay=0.7)
+    training = TrainingConfig(learning_rate=1e-3)
+    first = Harness(tiny_bert(), schedule, training, total_steps=9, base=linear_base(2, 9))
+    first.run(text_batches(4))
+    state = first.scheduler.state_dict()
+    first.run(text_batches(1, seed=9))
+    resumed = Harness(tiny_bert(), schedule, training, total_steps=9, base=linear_base(2, 9))
+    resumed.scheduler.load_state_dict(state)
+    resumed.step = 4
+    resumed.run(text_batches(1, seed=9))
+    assert rates_by_group(resumed.optimizer) == rates_by_group(first.optimizer)
+
+
 def test_frozen_groups_in_eval_mode():
     model = tiny_bert()
     harness = Harness(model, ScheduleConfig(preset="linear_probe"))
