@@ -353,7 +353,15 @@ def inspect_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.num_labels < 1:
         parser.error(f"--num-labels must be at least 1, got {args.num_labels}.")
-    model = _load_for_inspection(args.model, args.task, args.num_labels)
+    try:
+        model = _load_for_inspection(args.model, args.task, args.num_labels)
+    except (OSError, ValueError, RuntimeError) as error:
+        print(
+            f"finetune inspect: cannot load {args.model!r}: {error}\nFix: give a local model folder, "
+            "a Hub id (needs Hub access), or a timm model as timm/NAME.",
+            file=sys.stderr,
+        )
+        return 1
     try:
         groups = discover_layer_groups(model)
     except LayerGroupError as error:
@@ -371,7 +379,8 @@ def _load_for_inspection(name: str, task: str | None, num_labels: int) -> nn.Mod
         import timm
 
         return timm.create_model(name.removeprefix("timm/"), pretrained=False, num_classes=num_labels)
-    config = transformers.AutoConfig.from_pretrained(name, num_labels=num_labels)
+    config = transformers.AutoConfig.from_pretrained(name)
+    config.num_labels = num_labels  # also resets id2label, which a saved classifier sized for its own labels
     if task is None:
         task = "image-classification" if _looks_like_vision(config) else "text-classification"
     auto = (

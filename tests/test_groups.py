@@ -174,3 +174,8 @@ def test_inspect_prints_groups(tmp_path, capsys):
     output = capsys.readouterr().out
     assert "encoder.layer.1" in output
     assert "BertForSequenceClassification" in output
+
+
+def test_inspect_missing_model_fails(tmp_path, capsys):
+    assert inspect_main([str(tmp_path / "missing")]) == 1
+    assert "cannot load" in capsys.readouterr().err
