@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .config import ScheduleConfig
+from .config import ConfigError, ConfigIssue, ScheduleConfig
 from .groups import LayerGroup
 from .log import get_logger
 from .schedule import ScheduleController
@@ -37,8 +37,16 @@ from .schedule import ScheduleController
 logger = get_logger(__name__)
 
 
-class FeatureCacheError(ValueError):
-    """Raised when features cannot be cached for this model or run, with the reason and the setting to change."""
+class FeatureCacheError(ConfigError):
+    """Raised when features cannot be cached for this model or run, with the reason and the setting to change.
+
+    A `ConfigError`, so the training run ends with the config-error exit code; the message is the text alone.
+    """
+
+    def __init__(self, message: str):
+        ValueError.__init__(self, message)
+        self.issues = [ConfigIssue("schedule.cache_features", "", message)]
+        self.source = None
 
 
 def should_cache_features(

@@ -26,7 +26,7 @@ from typing import Iterable
 
 from torch import nn
 
-from .config import LayerGroupPattern
+from .config import ConfigError, ConfigIssue, LayerGroupPattern
 from .log import get_logger
 
 logger = get_logger(__name__)
@@ -65,8 +65,16 @@ class LayerGroup:
         return sum(parameter.numel() for _, parameter in self.parameters)
 
 
-class LayerGroupError(ValueError):
-    """Raised when a model cannot be split into layer groups, with the config that declares them."""
+class LayerGroupError(ConfigError):
+    """Raised when a model cannot be split into layer groups, with the config that declares them.
+
+    A `ConfigError`, so the training run ends with the config-error exit code; the message is the text alone.
+    """
+
+    def __init__(self, message: str):
+        ValueError.__init__(self, message)
+        self.issues = [ConfigIssue("model.layer_groups", "", message)]
+        self.source = None
 
 
 def discover_layer_groups(model: nn.Module, patterns: list[LayerGroupPattern] | None = None) -> list[LayerGroup]:
@@ -257,12 +265,12 @@ def _root_modules(model: nn.Module, group_of: dict[str, str]) -> dict[str, list[
 def _check_every_parameter_grouped(model: nn.Module, groups: list[LayerGroup]) -> None:
     grouped = [id(parameter) for group in groups for _, parameter in group.parameters]
     if len(grouped) != len(set(grouped)):
-        raise LayerGroupError(
+        raise RuntimeError(
             f"internal error: a parameter of {type(model).__name__} is in two layer groups. Please report it."
         )
     missing = [name for name, parameter in model.named_parameters() if id(parameter) not in set(grouped)]
     if missing:
-        raise LayerGroupError(
+        raise RuntimeError(
             f"internal error: parameters of {type(model).__name__} without a layer group: {missing[:5]}. Please report it."
         )
 

@@ -33,7 +33,7 @@ from typing import Callable
 
 from torch import nn
 
-from .config import ScheduleConfig, StageConfig, TrainingConfig
+from .config import ConfigError, ConfigIssue, ScheduleConfig, StageConfig, TrainingConfig
 from .groups import LayerGroup
 from .log import get_logger
 
@@ -43,8 +43,16 @@ _TOP = re.compile(r"^top:(\d+)$")
 _SLICE = re.compile(r"^slice:(-?\d*):(-?\d*)$")
 
 
-class ScheduleError(ValueError):
-    """Raised when a schedule does not fit the model's layer groups (bad stage names, unordered stages)."""
+class ScheduleError(ConfigError):
+    """Raised when a schedule does not fit the model's layer groups (bad stage names, unordered stages).
+
+    A `ConfigError`, so the training run ends with the config-error exit code; the message is the text alone.
+    """
+
+    def __init__(self, message: str):
+        ValueError.__init__(self, message)
+        self.issues = [ConfigIssue("schedule", "", message)]
+        self.source = None
 
 
 @dataclass(frozen=True)

@@ -497,3 +497,14 @@ def test_recipe_writes_stage_events(tmp_path):
     # 8 steps, linear decay without warm-up: base(2) = 0.75; the neck, unfrozen at step 2, is at 1/2 warm-up.
     assert stages[1]["learning_rates"]["neck"] == pytest.approx(1e-3 * 0.75 * 0.5)
     assert stages[1]["learning_rates"]["encoder.layer.1"] == 0.0
+
+
+def test_recipe_unknown_stage_group_is_config_error(tmp_path):
+    from tiny import run_recipe, tiny_config
+
+    from finetune.runlog import EXIT_CONFIG_ERROR
+
+    config = tiny_config(tmp_path, schedule={"preset": "milestones", "stages": [{"train": "pooler*"}]})
+    code, events = run_recipe(config)
+    assert code == EXIT_CONFIG_ERROR
+    assert "'pooler*' names no layer group" in events[-1]["error"]
