@@ -2,7 +2,6 @@
 
 An IDX file is a big-endian header followed by raw values: two zero bytes, a type code (0x08 = unsigned byte),
 the number of dimensions, one 32-bit size per dimension, then the data in C order. Files may be gzipped.
-Reference: Y. LeCun, C. Cortes, C. Burges, "THE MNIST DATABASE", http://yann.lecun.com/exdb/mnist/.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from PIL import Image
 
 from .common import DataError
 
-# Fashion-MNIST classes in label-index order (Xiao, Rasul, Vollgraf 2017, github.com/zalandoresearch/fashion-mnist).
+# Fashion-MNIST class names in label-index order (label 0 is T-shirt/top, label 9 Ankle boot).
 FASHION_MNIST_LABELS = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]

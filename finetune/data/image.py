@@ -1,8 +1,8 @@
 """Image classification data: reading, pre-flight image checks, splitting and per-item preprocessing.
 
-Order matters: `prepare_image_data` reads every source, encodes labels, carves and samples the splits, then
-decodes every remaining image once (the pre-flight scan) before any weights load, so that a truncated or
-non-image file is reported up front and never stops a run mid-epoch. Images stay undecoded in the datasets
+Order matters. `prepare_image_data` reads every source, encodes labels, carves and samples the splits. Then it
+decodes every remaining image once (the pre-flight scan) before any weights load. A truncated or non-image file
+is therefore reported up front and does not stop a run mid-epoch. Images stay undecoded in the datasets
 (`Image(decode=False)`: file path or bytes); DataLoader workers decode, convert to RGB and transform them.
 
 Evaluation runs the backbone's own image processor on each image, which is what
@@ -139,10 +139,14 @@ def load_image_splits(config: RunConfig) -> datasets.DatasetDict:
     """Read the image data of `config.data` into a DatasetDict of the splits that it gives.
 
     Each split has an `image` column of undecoded images (`Image(decode=False)`) and the label column
-    `data.label_column`. Sources: an image folder (one sub-folder per class, optionally inside `train/`,
-    `validation/`, `test/`), an IDX folder (`train-*` becomes train and `t10k-*` test), CSV/JSON/JSONL files
-    with image paths relative to the file, Parquet or `save_to_disk` data with an `Image` feature, or a Hub
-    dataset name. Splits found inside the `data.train` source fill the ones the config leaves unset.
+    `data.label_column`. Sources:
+
+    - an image folder, one sub-folder per class, optionally inside `train/`, `validation/` and `test/`;
+    - an IDX folder, where `train-*` files become train and `t10k-*` files test;
+    - CSV/JSON/JSONL files with image paths relative to the file;
+    - Parquet or `save_to_disk` data with an `Image` feature, or a Hub dataset name.
+
+    Splits found inside the `data.train` source fill the ones that the config leaves unset.
     """
     splits: dict[str, datasets.Dataset] = {}
     for split in SPLITS:
