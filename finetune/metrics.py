@@ -45,7 +45,15 @@ class ClassificationMetrics(evaluate.Metric):
 
 
 def compute_classification_metrics(predictions, references, num_labels: int) -> dict[str, float]:
-    """Compute the metrics of `ClassificationMetrics` over all classes `0..num_labels-1`."""
-    metric = ClassificationMetrics()
-    return metric.compute(predictions=list(predictions), references=list(references), labels=range(num_labels))
+    """Compute the metrics of `ClassificationMetrics` for class indices in `0..num_labels-1`.
 
+    Macro averages run over the classes that occur in `references` or `predictions`. A class missing from
+    both (say, absent from a small validation split) has no defined precision or recall, and counting it as 0
+    would score a perfect prediction below 1. A class in `references` that is never predicted counts as 0.
+    """
+    predictions, references = list(predictions), list(references)
+    present = sorted(set(predictions) | set(references))
+    if present and (present[0] < 0 or present[-1] >= num_labels):
+        raise ValueError(f"class indices must lie in 0..{num_labels - 1}, got {present[0]}..{present[-1]}")
+    metric = ClassificationMetrics()
+    return metric.compute(predictions=predictions, references=references, labels=present)
