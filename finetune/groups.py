@@ -271,7 +271,8 @@ def _check_every_parameter_grouped(model: nn.Module, groups: list[LayerGroup]) -
     missing = [name for name, parameter in model.named_parameters() if id(parameter) not in set(grouped)]
     if missing:
         raise RuntimeError(
-            f"internal error: parameters of {type(model).__name__} without a layer group: {missing[:5]}. Please report it."
+            f"internal error: parameters of {type(model).__name__} without a layer group: {missing[:5]}. "
+            "Please report it."
         )
 
 

@@ -213,9 +213,10 @@ class ScheduleController:
 
         Call it before each optimizer step's first micro-batch (`step` = optimizer steps done, `epoch` =
         0-based epoch, kept for the caller's records: stage boundaries are steps). The first call always
-        returns a record, which the caller logs (this method logs nothing). It sets `requires_grad`, clears the gradients of newly frozen parameters and, when
-        the model is in training mode, applies `set_modes`. The record has `stage`, `name`,
-        `trainable_groups`, `trainable_parameters` and `learning_rates` ({group: rate at this step}).
+        returns a record, which the caller logs, because this method logs nothing. It sets `requires_grad`,
+        clears the gradients of newly frozen parameters and, when the model is in training mode, applies
+        `set_modes`. The record has `stage`, `name`, `trainable_groups`, `trainable_parameters` and
+        `learning_rates` ({group: rate at this step}). On resume, the first call reports the resumed stage.
         """
         stage = self.stage_at(step)
         if stage.index == self._current_stage:
@@ -224,14 +225,13 @@ class ScheduleController:
         self._apply_requires_grad(stage)
         if self.model.training:
             self.set_modes(self.model)
-        record = {
+        return {
             "stage": stage.index,
             "name": stage.name,
             "trainable_groups": [self.groups[index].name for index in sorted(stage.trainable)],
             "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             "learning_rates": self.learning_rates(step),
         }
-        return record
 
     def after_change(self, accelerator, model: nn.Module) -> nn.Module:
         """Return the model to train with after `update()` returned a record: under DDP a new wrapper.
