@@ -28,7 +28,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from . import runlog
-from .checkpoint import CheckpointManager, IncompatibleCheckpointError, build_fingerprint, check_compatible, resolve_resume
+from .checkpoint import (
+    CheckpointManager,
+    IncompatibleCheckpointError,
+    build_fingerprint,
+    check_compatible,
+    read_checkpoint_record,
+    resolve_resume,
+)
 from .config import ConfigError, RunConfig, load_config, save_config
 from .data import PreparedData, prepare_data
 from .data.common import DataError
@@ -312,9 +319,27 @@ class FineTuneRecipe:
             check_compatible(self.resumed_from, self._fingerprint())
             saved = self.checkpoints.load(self.resumed_from)
             self.state = TrainState(**saved["train_state"])
+            self._rescale_data_position(read_checkpoint_record(self.resumed_from)["fingerprint"].get("world_size"))
             self.early_stopping.load_state_dict(self.state.early_stopping)
             logger.info("Resumed from %s at step %d (epoch %d, micro-batch %d)", self.resumed_from,
                         self.state.global_step, self.state.epoch + 1, self.state.micro_batches_done)
+
+    def _rescale_data_position(self, saved_world_size: int | None) -> None:
+        """Convert the per-process micro-batch count of a checkpoint written by another number of processes.
+
+        Accelerate deals an epoch's batches out in rounds of one per process, so `micro_batches_done *
+        world_size` batches of the epoch were done. The new count is rounded down to a whole accumulation
+        group, so up to one group of batches per process runs again; the result is not bit-identical.
+        """
+        current = self.accelerator.num_processes
+        if not saved_world_size or saved_world_size == current or not self.state.micro_batches_done:
+            return
+        done = self.state.micro_batches_done * saved_world_size // current
+        done -= done % self.training.gradient_accumulation_steps
+        logger.warning("The checkpoint was written by %d process(es), this run has %d: continuing epoch %d at "
+                       "micro-batch %d per process instead of %d.", saved_world_size, current,
+                       self.state.epoch + 1, done, self.state.micro_batches_done)
+        self.state.micro_batches_done = min(done, self.micro_batches_per_epoch)
 
     def _fingerprint(self) -> dict:
         return build_fingerprint(self.config, self.data.label_names, self.accelerator.num_processes, self.mixed_precision)
@@ -328,7 +353,10 @@ class FineTuneRecipe:
         self.progress = tqdm(total=self.total_steps, initial=self.state.global_step, desc="training",
                              unit="step", disable=not self.is_main, dynamic_ncols=True)
         status = "running"
-        while status == "running" and self.state.global_step < self.total_steps:
+        # The epoch bound matters only after a resume with another number of processes: the steps done before
+        # it were larger or smaller, so the step budget alone would end the run in the wrong epoch.
+        while (status == "running" and self.state.global_step < self.total_steps
+               and self.state.epoch < self.training.num_train_epochs):
             status = self._train_epoch()
             if self.state.micro_batches_done == self.micro_batches_per_epoch:
                 self.state.epoch += 1
@@ -474,9 +502,10 @@ class FineTuneRecipe:
             raise ConfigError([_unknown_metric_issue(self.metric_name, metrics)])
         improved = self.early_stopping.update(metrics[self.metric_name], self.state.global_step)
         self.state.early_stopping = self.early_stopping.state_dict()
-        logger.info("Step %d (epoch %d): validation loss %.4f, accuracy %.4f, %s %.4f%s", self.state.global_step,
-                    self.state.epoch, metrics["loss"], metrics["accuracy"], self.metric_name,
-                    metrics[self.metric_name], " (best so far)" if improved else "")
+        shown = {name: metrics[name] for name in ("loss", "accuracy", self.metric_name)}
+        logger.info("Step %d (epoch %d): validation %s%s", self.state.global_step, self.state.epoch,
+                    ", ".join(f"{name} {value:.4f}" for name, value in shown.items()),
+                    " (best so far)" if improved else "")
         return improved
 
     @torch.no_grad()

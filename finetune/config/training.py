@@ -21,7 +21,7 @@ class TrainingConfig(Section):
     gradient_accumulation_steps: int = Field(
         1, ge=1, description="Micro-batches summed into one optimizer step; the effective batch grows by this factor."
     )
-    learning_rate: float = Field(5e-5, gt=0.0, description="Peak learning rate of the top (head-side) group.")
+    learning_rate: float = Field(5e-5, gt=0.0, description="Peak learning rate of the top backbone group; the head gets it times schedule.head_lr_multiplier.")
     weight_decay: float = Field(
         0.01, ge=0.0, description="AdamW decoupled weight decay; never applied to biases or norm weights."
     )
