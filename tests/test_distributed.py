@@ -1,7 +1,7 @@
 """Evaluation counts and file writes in one process and in a real 2-process CPU run (gloo).
 
-The validation split has 11 rows and the evaluation batch size is 4: over 2 processes the batches are 4, 4 and
-3 rows, so the last round is uneven and Accelerate pads it with duplicates that must not be counted.
+The validation split has 11 rows in evaluation batches of 4, 4 and 3 rows. Over 2 processes the last round is
+uneven, so Accelerate pads it with duplicates that must not be counted.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def test_two_process_run_exits_zero(two_process_run):
 @pytest.mark.slow
 def test_two_process_step_count(two_process_run):
     start = events_of(two_process_run["events"], "run_start")[0]
-    # Each process sees every 2nd batch: ceil(8 / 2) = 4 micro-batches, so 4 optimizer steps per epoch.
+    # Each process gets every 2nd batch: ceil(8 / 2) = 4 micro-batches, so 4 optimizer steps per epoch.
     assert start["world_size"] == 2
     assert start["num_update_steps_per_epoch"] == 4
     assert start["total_steps"] == 8

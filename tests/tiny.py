@@ -17,7 +17,8 @@ import transformers
 
 from finetune.assets import minilm_model_dir
 
-# Words whose presence decides the label, so a tiny model learns the task in a few dozen steps.
+# Words whose presence decides the label. The tiny model learns them in about 75 steps of batch 8 at learning
+# rate 3e-3; the fast tests run far fewer steps and do not depend on it.
 POSITIVE_WORDS = ["superb", "moving", "brilliant", "delightful", "gripping", "charming", "wonderful", "clever"]
 NEGATIVE_WORDS = ["dull", "tedious", "awful", "boring", "clumsy", "lifeless", "dreadful", "messy"]
 NEUTRAL_WORDS = ["film", "plot", "cast", "story", "scene", "music", "actor", "ending", "camera", "script"]
@@ -44,7 +45,7 @@ def make_tiny_bert(folder: str | Path, seed: int = 0) -> Path:
 
 
 def review_text(positive: bool, rng: random.Random) -> str:
-    """Return a short review of 3 to 12 words that holds one positive or one negative word."""
+    """Return a short review of 3 to 12 words that contains one positive or one negative word."""
     words = [rng.choice(NEUTRAL_WORDS) for _ in range(rng.randint(2, 11))]
     cue = rng.choice(POSITIVE_WORDS if positive else NEGATIVE_WORDS)
     words.insert(rng.randint(0, len(words)), cue)
@@ -54,7 +55,7 @@ def review_text(positive: bool, rng: random.Random) -> str:
 def make_reviews_csv(path: str | Path, rows: int, seed: int = 0, labels: tuple[str, str] = LABELS) -> Path:
     """Write `rows` distinct reviews with columns `text` and `label`, labels alternating between `labels`.
 
-    Reviews labelled `labels[0]` hold a positive word and those labelled `labels[1]` a negative one.
+    Reviews labelled `labels[0]` contain a positive word and those labelled `labels[1]` a negative one.
     """
     rng = random.Random(seed)
     records, seen = [], set()
@@ -103,7 +104,7 @@ def tiny_config(tmp_path: str | Path, **overrides) -> dict:
             "eval_strategy": "epoch",
             "seed": 0,
         },
-        # Checkpoints are written only for a new best model; tests that need more ask for them.
+        # Checkpoints are written only for a new best model. Tests that need more set them themselves.
         "checkpoint": {"save_every_epoch": False, "save_steps": 1000},
         "output": {"run_dir": str(tmp_path / "run")},
     }
