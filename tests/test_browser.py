@@ -129,6 +129,13 @@ def test_train_stop_resume_try(server, page):
     expect_text(page, "job-log", r"\S")
     shot(page, "4-job-completed")
 
+    page.locator("#job-download").click()
+    expect_text(page, "job-export-zip", r"job-1-export\s*\.zip")
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#compare-refresh").click()
+    expect_text(page, "leaderboard", "browser-run")
+    shot(page, "4b-compare")
+
     page.get_by_role("tab", name="Try").click()
     choose(page, "try-model-a", "job 1")
     fill_field(page, "try-text", "the film was very good")

@@ -134,18 +134,18 @@ def start_server(root: Path, extra_args: list[str] = (), env: dict | None = None
     return server
 
 
-def wait_for_status(client: Client, job_id: str, wanted: tuple[str, ...], timeout: float = 300.0) -> str:
-    """Poll the job table through the API until the job's status is one of `wanted`; return it."""
+def wait_for_status(client: Client, job_id: str, expected: tuple[str, ...], timeout: float = 300.0) -> str:
+    """Poll the job table through the API until the job's status is one of `expected`; return it."""
     deadline = time.time() + timeout
     status = ""
     while time.time() < deadline:
         table = client.predict(job_id, None, api_name="/jobs_refresh")[0]
         rows = {str(row[0]): row for row in table["data"]}
         status = rows[job_id][2] if job_id in rows else "missing"
-        if status in wanted:
+        if status in expected:
             return status
         time.sleep(1.0)
-    raise TimeoutError(f"job {job_id} is still {status!r} after {timeout} s; expected one of {wanted}")
+    raise TimeoutError(f"job {job_id} is still {status!r} after {timeout} s; expected one of {expected}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The Train tab's logic without the UI: form fields from the schema, form <-> YAML sync, validation.
 
-The form shows a few common options; the YAML editor holds the whole config. Each form field is one dotted
+The form shows a few common options; the YAML editor contains the whole config. Each form field is one dotted
 config key, and its label, help text, choices and bounds come from `describe_options()`.
 """
 
@@ -168,7 +168,7 @@ def check_paths(raw: dict, settings: AppSettings) -> list[ConfigIssue]:
         if not isinstance(value, str) or not value.strip() or is_hub_data:
             continue
         try:
-            set_key(raw, key, str(resolve_inside(value, settings.all_data_roots(), what=key)))
+            set_key(raw, key, str(resolve_inside(value, settings.all_data_roots(), subject=key)))
         except PathNotAllowed as error:
             issues.append(ConfigIssue(key, value, str(error)))
     model = get_key(raw, "model.name_or_path")

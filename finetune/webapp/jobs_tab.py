@@ -41,13 +41,13 @@ def build_jobs_tab(settings: AppSettings, service: JobService) -> None:
     curves = gr.Plot(label="curves", elem_id="job-curves")
     log_tail = gr.Textbox(label="log tail", lines=12, max_lines=24, autoscroll=True, elem_id="job-log")
     download = gr.File(label="exported model (zip)", elem_id="job-export-zip")
-    shown = gr.State(None)  # (job id, metrics.jsonl size) of the curves on screen, to redraw only on change
+    drawn = gr.State(None)  # (job id, metrics.jsonl size) of the curves on screen, to redraw only on change
 
-    def refresh(job_id, shown_key):
-        return refresh_view(service, job_id, shown_key)
+    def refresh(job_id, drawn_key):
+        return refresh_view(service, job_id, drawn_key)
 
-    outputs = [table, selected, job_status, log_tail, curves, shown]
-    timer.tick(refresh, [selected, shown], outputs, show_progress="hidden", api_name="jobs_refresh")
+    outputs = [table, selected, job_status, log_tail, curves, drawn]
+    timer.tick(refresh, [selected, drawn], outputs, show_progress="hidden", api_name="jobs_refresh")
     selected.change(refresh, [selected, gr.State(None)], outputs, show_progress="hidden", api_visibility="private")
     table.select(_job_from_row, table, selected, api_visibility="private")
     for button, action in ((stop_button, "stop"), (resume_button, "resume"), (clone_button, "clone"),
@@ -65,21 +65,24 @@ def build_jobs_tab(settings: AppSettings, service: JobService) -> None:
     )
 
 
-def refresh_view(service: JobService, job_id: str | None, shown_key) -> list:
+def refresh_view(service: JobService, job_id: str | None, drawn_key) -> list:
     """Return the table, the job choices and the selected job's status, log and (when changed) curves."""
     jobs = service.list_jobs()
     rows = [_table_row(job) for job in jobs]
     choices = [(job.label, job.id) for job in jobs]
     ids = {job.id for job in jobs}
-    value = job_id if job_id in ids else (jobs[0].id if jobs and job_id is None else None)
+    # Keep the selection; with none yet, select the newest job so a returning user sees it at once.
+    value = job_id if job_id in ids else None
+    if job_id is None and jobs:
+        value = jobs[0].id
     selector = gr.update(choices=choices, value=value)
     if value is None:
-        return [rows, selector, "No job selected.", "", gr.skip(), shown_key]
+        return [rows, selector, "No job selected.", "", gr.skip(), drawn_key]
     job = next(job for job in jobs if job.id == value)
     metrics = job.run_dir / runlog.METRICS_FILE
     key = (job.id, metrics.stat().st_size if metrics.is_file() else 0)
     figure = gr.skip()
-    if key != (tuple(shown_key) if shown_key else None):
+    if key != (tuple(drawn_key) if drawn_key else None):
         events = runlog.read_events(job.run_dir)
         figure = plots.curves_figure({job.name: events}, metric=job.metric)
     return [rows, selector, status_text(job), runs.tail_log(job.run_dir), figure, list(key)]

@@ -65,8 +65,8 @@ def _plot_run(events: list[dict], metric: str, colour, prefix: str, axes: tuple)
                          label=prefix.strip() or None)
     for event in events:
         if event.get("event") == "stage" and event.get("step", 0) > 0:
-            for each in axes:
-                each.axvline(event["step"], color=colour, linestyle="--", linewidth=0.8, alpha=0.7)
+            for subplot in axes:
+                subplot.axvline(event["step"], color=colour, linestyle="--", linewidth=0.8, alpha=0.7)
             loss_axes.annotate(str(event.get("name", event.get("stage"))), (event["step"], 1.0),
                                xycoords=("data", "axes fraction"), fontsize=7, rotation=90, va="top", ha="right")
 
@@ -162,7 +162,8 @@ def _select_groups(spec, groups: list[str]) -> tuple[str, ...]:
 
 
 def group_rates(groups: list[str], peak: float, layer_decay: float, head_multiplier: float) -> dict[str, float]:
-    """Each body group's rate is the one above it times `layer_decay`; the head gets `peak * head_multiplier`."""
+    """Map each group to its learning rate: the head gets `peak * head_multiplier`, the top body group `peak`,
+    and each group below it the rate above times `layer_decay`."""
     rates = {groups[-1]: peak * head_multiplier}
     for depth, name in enumerate(reversed(groups[:-1])):
         rates[name] = peak * layer_decay ** depth
@@ -207,7 +208,7 @@ def confusion_figure(labels: list[str], predictions: list[str], label_names: lis
 
     names = list(label_names) or sorted(set(labels) | set(predictions))
     matrix = confusion_matrix(labels, predictions, labels=names)
-    size = min(2 + 0.5 * len(names), 14)
+    size = min(max(5.0, 2 + 0.5 * len(names)), 14)
     figure = Figure(figsize=(size, size), layout="constrained")
     axes = figure.subplots()
     axes.imshow(matrix, cmap="Blues")
@@ -221,7 +222,7 @@ def confusion_figure(labels: list[str], predictions: list[str], label_names: lis
             axes.text(column, row, str(count), ha="center", va="center", fontsize=8,
                       color="white" if count > threshold else "black")
     accuracy = matrix.trace() / max(matrix.sum(), 1)
-    axes.set_title(f"validation confusion matrix ({matrix.sum()} examples, accuracy {accuracy:.3f})", fontsize=9)
+    axes.set_title(f"validation confusion matrix\n{matrix.sum()} examples, accuracy {accuracy:.3f}", fontsize=9)
     return figure
 
 

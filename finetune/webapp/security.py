@@ -32,7 +32,7 @@ class UploadRejected(ValueError):
     """Raised for an upload that is too large or of an unsupported kind; nothing is stored."""
 
 
-def resolve_inside(text: str, roots: list[Path], what: str = "path") -> Path:
+def resolve_inside(text: str, roots: list[Path], subject: str = "path") -> Path:
     """Resolve a typed path and return it if it lies inside one of `roots`.
 
     A relative path is looked up under each root in order and the first that exists wins (else the first root).
@@ -41,9 +41,9 @@ def resolve_inside(text: str, roots: list[Path], what: str = "path") -> Path:
     """
     raw = (text or "").strip()
     if not raw:
-        raise PathNotAllowed(f"The {what} is empty; give a path inside {_roots_text(roots)}.")
+        raise PathNotAllowed(f"The {subject} is empty; give a path inside {_roots_text(roots)}.")
     if "\x00" in raw:
-        raise PathNotAllowed(f"The {what} {raw!r} contains a NUL character.")
+        raise PathNotAllowed(f"The {subject} {raw!r} contains a NUL character.")
     candidate = Path(raw).expanduser()
     if candidate.is_absolute():
         options = [candidate]
@@ -51,13 +51,13 @@ def resolve_inside(text: str, roots: list[Path], what: str = "path") -> Path:
         options = [root / candidate for root in roots]
         options.sort(key=lambda option: not option.exists())
     if not options:
-        raise PathNotAllowed(f"No roots are configured for the {what} {raw!r}; start the app with a root option.")
+        raise PathNotAllowed(f"No roots are configured for the {subject} {raw!r}; start the app with a root option.")
     resolved = options[0].resolve()
     for root in roots:
         if resolved.is_relative_to(root.resolve()):
             return resolved
     raise PathNotAllowed(
-        f"The {what} {raw!r} resolves to {resolved}, which is outside the allowed folders {_roots_text(roots)}. "
+        f"The {subject} {raw!r} resolves to {resolved}, which is outside the allowed folders {_roots_text(roots)}. "
         "Use a path inside them (symlinks and '..' leading out are rejected)."
     )
 
@@ -67,7 +67,7 @@ def _roots_text(roots: list[Path]) -> str:
 
 
 def looks_like_hub_id(text: str) -> bool:
-    """Whether `text` reads as a Hub repository id rather than a filesystem path."""
+    """Return whether `text` reads as a Hub repository id rather than a filesystem path."""
     raw = text.strip()
     return bool(_HUB_ID.match(raw)) and ".." not in raw and not raw.startswith((".", "~", "/"))
 
@@ -81,7 +81,7 @@ def resolve_model_reference(text: str, roots: list[Path]) -> str:
     raw = (text or "").strip()
     if looks_like_hub_id(raw) and not any((root / raw).exists() for root in roots):
         return raw
-    return str(resolve_inside(raw, roots, what="model folder"))
+    return str(resolve_inside(raw, roots, subject="model folder"))
 
 
 def load_auth(auth_file: str | None, env_value: str | None) -> list[tuple[str, str]] | None:

@@ -16,7 +16,7 @@ logger = get_logger(__name__)
 
 @dataclass(frozen=True)
 class JobView:
-    """What the app shows of one job: store fields plus progress read from its run folder."""
+    """One job as the app shows it: store fields plus progress read from its run folder."""
 
     id: str
     name: str

@@ -17,7 +17,7 @@ ALLOW_NO_AUTH_ENV = "FINETUNE_ALLOW_NO_AUTH"
 
 @dataclass
 class AppSettings:
-    """Where the app reads and writes, who may use it and how large an upload may be."""
+    """Settings of one app process: folders it reads and writes, logins, upload limit and scheduler switch."""
 
     workspace: Path
     data_roots: list[Path] = field(default_factory=list)

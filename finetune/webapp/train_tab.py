@@ -143,14 +143,14 @@ def schedule_picture(text: str, settings: AppSettings | None = None):
 def estimate_groups(model: str, settings: AppSettings | None) -> tuple[list[str], str]:
     """Return the layer groups to draw, bottom to top, and a note when they are a guess.
 
-    For a local transformers folder the groups follow its config.json (embeddings, one group per layer, head);
-    the real grouping is computed when the job loads the model, so other backbones get four placeholder groups.
+    For a local transformers folder the groups follow its config.json: embeddings, one group per layer, head.
+    The real grouping is computed when the job loads the model, so other backbones get four placeholder groups.
     """
     folder = Path(model)
     config_file = folder / "config.json"
     if model and settings is not None and folder.is_absolute() and config_file.is_file():
         try:
-            resolve_inside(model, configform.model_roots(settings), what="model folder")
+            resolve_inside(model, configform.model_roots(settings), subject="model folder")
             layers = int(json.loads(config_file.read_text(encoding="utf-8")).get("num_hidden_layers", 0))
         except (ValueError, OSError):
             layers = 0

@@ -115,7 +115,7 @@ def resolve_model(value: str | None, settings: AppSettings, service: JobService)
     if value.startswith("job:"):
         folder = runs.export_dir(service.run_dir(value[4:]))
     else:
-        folder = resolve_inside(value, configform.model_roots(settings), what="model folder")
+        folder = resolve_inside(value, configform.model_roots(settings), subject="model folder")
     if not (folder / "config.json").is_file():
         raise PathNotAllowed(f"{folder} is not an exported model folder (no config.json); pick a finished job.")
     return folder
@@ -168,11 +168,17 @@ def analyse_job(service: JobService, settings: AppSettings, value: str | None):
     images = [(_load_image(run_dir, row["image"]), f"{row['label']} → {row['prediction']}")
               for row in wrong[:MAX_GALLERY] if row.get("image")]
     texts = [[row["text"], row["label"], row["prediction"]] for row in wrong[:MAX_GALLERY * 4] if row.get("text")]
-    return figure, images or None, texts or None, f"{len(wrong)} of {len(rows)} validation examples are misclassified."
+    is_text = any("text" in row for row in rows)
+    return (
+        figure,
+        gr.update(value=images or None, visible=not is_text),
+        gr.update(value=texts or None, visible=is_text),
+        f"{len(wrong)} of {len(rows)} validation examples are misclassified.",
+    )
 
 
 def _load_image(run_dir: Path, relative: str) -> Image.Image:
     # Images are read here (not served by path) so the run folder never has to be exposed to the browser.
-    path = resolve_inside(relative, [Path(run_dir)], what="validation image")
+    path = resolve_inside(relative, [Path(run_dir)], subject="validation image")
     with Image.open(path) as image:
         return image.convert("RGB")
