@@ -210,6 +210,19 @@ def test_finished_job_analysis(server, client):
     assert confusion is not None
 
 
+def test_leaderboard_and_compare(server, client):
+    rows = client.predict(api_name="/leaderboard")[0]["data"]
+    completed = [row for row in rows if row[2] == "completed"]
+    if not completed:
+        pytest.skip("needs the completed job of test_job_launch_to_prediction")
+    assert completed[0][3] == "accuracy"
+    assert completed[0][6] == "full"
+    job_id = str(completed[0][0])
+    diff, curves = client.predict(job_id, job_id, api_name="/compare")
+    assert diff["data"] == [["(no difference)", "", ""]]
+    assert curves is not None
+
+
 def test_validate_reports_every_issue(server, client):
     text = tiny_job_yaml(server.model_root / "tiny-bert", server.data_root / "reviews.csv").replace(
         "learning_rate: 1.0e-3", "learning_rate: -1"
@@ -282,6 +295,31 @@ def test_wrong_credentials_rejected(locked_server):
 def test_unauthenticated_api_rejected(locked_server):
     with pytest.raises(Exception):
         Client(locked_server.url, verbose=False)
+
+
+def test_clone_cancel_delete(locked_server):
+    client = Client(locked_server.url, auth=("alice", "s3cret"), verbose=False)
+    text = tiny_job_yaml(locked_server.model_root / "tiny-bert", locked_server.data_root / "reviews.csv", name="orig")
+    job_id = job_id_from(client.predict(text, api_name="/launch")[-2])
+    message = client.predict(job_id, api_name="/job_clone")
+    clone_id = message.split("cloned as job ")[1].split()[0]
+    assert clone_id != job_id
+
+    assert "cancelled" in client.predict(clone_id, api_name="/job_stop")
+    assert "deleted" in client.predict(clone_id, api_name="/job_delete")
+    rows = client.predict(None, None, api_name="/jobs_refresh")[0]["data"]
+    assert clone_id not in {str(row[0]) for row in rows}
+    assert not (locked_server.workspace / "runs" / clone_id).exists()
+    assert "cancelled" in client.predict(job_id, api_name="/job_stop")
+
+
+def test_resume_of_queued_job_reports_error(locked_server):
+    client = Client(locked_server.url, auth=("alice", "s3cret"), verbose=False)
+    text = tiny_job_yaml(locked_server.model_root / "tiny-bert", locked_server.data_root / "reviews.csv")
+    job_id = job_id_from(client.predict(text, api_name="/launch")[-2])
+    message = client.predict(job_id, api_name="/job_resume")
+    assert message.startswith("**Error:** resume failed")
+    client.predict(job_id, api_name="/job_stop")
 
 
 def test_try_answers_during_long_event(locked_server):

@@ -35,8 +35,8 @@ def build_app(settings: AppSettings, service=None):
             build_jobs_tab(settings, service)
         with gr.Tab("Try", id="try"):
             build_try_tab(settings, service)
-        with gr.Tab("Compare", id="compare"):
-            build_compare_tab(settings, service)
+        with gr.Tab("Compare", id="compare") as compare_tab:
+            build_compare_tab(settings, service, compare_tab)
     app.finetune_service = service  # kept so callers can stop the scheduler
     return app
 

@@ -12,8 +12,8 @@ from .settings import AppSettings
 LEADERBOARD_HEADERS = ["id", "name", "status", "metric", "best", "backbone", "schedule", "precision", "minutes"]
 
 
-def build_compare_tab(settings: AppSettings, service: JobService) -> None:
-    """Lay out the Compare tab inside the current `gr.Blocks` and wire its events."""
+def build_compare_tab(settings: AppSettings, service: JobService, tab: gr.Tab | None = None) -> None:
+    """Lay out the Compare tab inside the current `gr.Blocks` and wire its events; selecting `tab` refreshes it."""
     refresh_button = gr.Button("Refresh", elem_id="compare-refresh")
     board = gr.Dataframe(headers=LEADERBOARD_HEADERS, interactive=False, label="leaderboard (best first)",
                          elem_id="leaderboard")
@@ -31,6 +31,8 @@ def build_compare_tab(settings: AppSettings, service: JobService) -> None:
         return rows, gr.update(choices=choices), gr.update(choices=choices)
 
     refresh_button.click(refresh, None, [board, run_a, run_b], api_name="leaderboard")
+    if tab is not None:
+        tab.select(refresh, None, [board, run_a, run_b], api_visibility="private")
     compare_button.click(lambda a, b: compare_runs(service, a, b), [run_a, run_b], [diff, overlay], api_name="compare")
 
 
