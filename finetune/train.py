@@ -43,7 +43,7 @@ from .export import export_model
 from .features import CachedHead, collate_features, cache_head_inputs, should_cache_features
 from .groups import discover_layer_groups
 from .log import get_logger, setup_logging
-from .metrics import compute_classification_metrics
+from .metrics import METRIC_NAMES, compute_classification_metrics
 from .models import load_model, load_processor
 from .precision import resolve_mixed_precision
 from .sampling import EpochBatchSampler, LengthSortedBatchSampler
@@ -111,6 +111,7 @@ class FineTuneRecipe:
         return runlog.EXIT_STOPPED if self.status == "stopped" else runlog.EXIT_COMPLETED
 
     def setup(self) -> None:
+        self._check_metric_name()
         self._setup_accelerator()
         self._setup_run_dir()
         self._setup_data()
@@ -131,6 +132,13 @@ class FineTuneRecipe:
 
     # ------------------------------------------------------------------------------------------------------
     # Setup steps
+
+    def _check_metric_name(self) -> None:
+        # Validation events carry these metrics. A misspelt name would otherwise fail at the first evaluation,
+        # after a whole epoch of training.
+        known = (*METRIC_NAMES, "train_loss", "train_accuracy")
+        if self.training.metric_for_best_model not in known:
+            raise ConfigError([_unknown_metric_issue(self.training.metric_for_best_model, dict.fromkeys(known))])
 
     def _setup_accelerator(self) -> None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
