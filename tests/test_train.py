@@ -21,8 +21,11 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 
+from finetune.config import validate_config  # noqa: E402
 from finetune.stopping import metric_greater_is_better  # noqa: E402
+from finetune.train import FineTuneRecipe  # noqa: E402
 from tiny import events_of, make_reviews_csv, make_tiny_bert, run_recipe, tiny_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -367,3 +370,47 @@ def test_minilm_beats_chance(tmp_path):
     assert code == 0
     assert test["num_examples"] == 300
     assert test["accuracy"] > 0.6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reproducibility and early configuration checks
+
+
+def test_same_seed_same_run(tmp_path, model_dir):
+    runs = []
+    for name in ("first", "second"):
+        config = tiny_config(tmp_path, model={"name_or_path": str(model_dir)}, output={"run_dir": str(tmp_path / name)})
+        code, events = run_recipe(config)
+        assert code == 0
+        runs.append(events)
+    losses = [[event["loss"] for event in events_of(events, "train")] for events in runs]
+    validation = [[event["loss"] for event in events_of(events, "eval", split="validation")] for events in runs]
+    assert losses[0] == losses[1]
+    assert validation[0] == validation[1]
+
+
+def test_other_seed_other_run(tmp_path, model_dir):
+    losses = []
+    for seed in (0, 1):
+        config = tiny_config(
+            tmp_path, model={"name_or_path": str(model_dir)}, training={"seed": seed, "max_steps": 3},
+            output={"run_dir": str(tmp_path / f"seed{seed}")},
+        )
+        code, events = run_recipe(config)
+        assert code == 0
+        losses.append([event["loss"] for event in events_of(events, "train")])
+    assert losses[0] != losses[1]
+
+
+def test_unknown_metric_rejected_before_training(tmp_path, model_dir):
+    config = tiny_config(tmp_path, model={"name_or_path": str(model_dir)}, training={"metric_for_best_model": "f1"})
+    recipe = FineTuneRecipe(validate_config(config))
+    try:
+        code = recipe.run()
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert code == 2
+    assert "training.metric_for_best_model = 'f1'" in recipe.error
+    assert "use one of: accuracy, f1_macro" in recipe.error
+    assert not (tmp_path / "run").exists()  # rejected before the run folder is written
