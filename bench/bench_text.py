@@ -19,18 +19,25 @@ Cases:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import resource
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
+from harness import (
+    add_timing_arguments,
+    cuda_available,
+    log_progress,
+    machine_description,
+    measure,
+    measure_repeats,
+    ratio_table,
+    run_worker,
+    throughput,
+    time_engine_steps,
+    write_report,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -68,21 +75,6 @@ def write_case_csv(case: str, folder: Path, rows: int) -> Path:
 
 # ----------------------------------------------------------------------------------------------------------
 # Workers: each measures one system in its own process and prints one JSON line.
-
-
-def peak_memory_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def throughput(step_ends: list[float], warmup: int, batch_size: int) -> float:
-    measured = step_ends[warmup:]
-    if len(measured) < 2:
-        raise RuntimeError("too few steps to measure; raise --steps")
-    return (len(measured) - 1) * batch_size / (measured[-1] - measured[0])
 
 
 def tokenized(csv_path: Path, pad_to_max: bool):
@@ -156,7 +148,7 @@ def run_trainer(args) -> dict:
     with tempfile.TemporaryDirectory() as output_dir:
         training_args = TrainingArguments(
             output_dir=output_dir, per_device_train_batch_size=BATCH_SIZE, max_steps=args.steps,
-            learning_rate=LEARNING_RATE, bf16=args.precision == "bf16", use_cpu=not _cuda(), logging_steps=10**6,
+            learning_rate=LEARNING_RATE, bf16=args.precision == "bf16", use_cpu=not cuda_available(), logging_steps=10**6,
             save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0, disable_tqdm=True,
         )
         trainer = Trainer(model=load_minilm(), args=training_args, train_dataset=dataset,
@@ -167,22 +159,7 @@ def run_trainer(args) -> dict:
 
 def run_engine(args) -> dict:
     """finetune's recipe, timed at the end of each optimizer step; evaluation and export are left out."""
-    from finetune.config import validate_config
-    from finetune.train import FineTuneRecipe
-
-    config = validate_config(engine_config(args, max_steps=args.steps, run_dir=args.run_dir))
-    step_ends: list[float] = []
-
-    class TimedRecipe(FineTuneRecipe):
-        def _finish_step(self, step_loss):
-            status = super()._finish_step(step_loss)
-            step_ends.append(time.perf_counter())
-            return status
-
-    recipe = TimedRecipe(config)
-    recipe.setup()
-    recipe.train()
-    recipe.cleanup()
+    step_ends = time_engine_steps(engine_config(args, max_steps=args.steps, run_dir=args.run_dir))
     return {"samples_per_second": throughput(step_ends, args.warmup, BATCH_SIZE)}
 
 
@@ -219,37 +196,15 @@ def engine_config(args, max_steps: int | None, run_dir: str) -> dict:
     }
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 WORKERS = {"plain": run_plain, "trainer": run_trainer, "engine": run_engine, "engine_accuracy": run_engine_accuracy}
-
-
-def worker_main(args) -> None:
-    result = WORKERS[args.worker](args)
-    result["peak_memory_mb"] = peak_memory_mb()
-    print("RESULT " + json.dumps(result), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Driver
 
 
-def measure(worker: str, csv: Path, precision: str, args, run_dir: Path) -> dict:
-    command = [sys.executable, __file__, "--worker", worker, "--csv", str(csv), "--precision", precision,
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--run-dir", str(run_dir)]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
-    for line in completed.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"{worker} ({precision}) failed:\n{completed.stderr[-3000:]}")
-
-
-def median_of(results: list[dict]) -> dict:
-    return {key: statistics.median(result[key] for result in results) for key in results[0]}
+def worker_options(csv: Path, precision: str, args) -> dict:
+    return {"csv": csv, "precision": precision, "steps": args.steps, "warmup": args.warmup}
 
 
 def bf16_or_no() -> str:
@@ -273,10 +228,9 @@ def run_cases(args) -> dict:
             for precision in precisions:
                 rows = {}
                 for system in ("plain", "trainer", "engine"):
-                    runs = [measure(system, csv, precision, args, scratch / f"{case}-{system}-{precision}-{i}")
-                            for i in range(args.repeats)]
-                    rows[system] = median_of(runs)
-                    print(f"{case} {precision} {system}: {rows[system]}", file=sys.stderr, flush=True)
+                    rows[system] = measure_repeats(__file__, system, worker_options(csv, precision, args),
+                                                   args.repeats, scratch / f"{case}-{system}-{precision}")
+                    log_progress(f"{case} {precision} {system}: {rows[system]}")
                 report["cases"][f"{case}/{precision}"] = rows
     return report
 
@@ -285,36 +239,14 @@ def precision_case(scratch: Path, args) -> dict:
     csv = write_case_csv("variable", scratch, rows=3300)
     results = {}
     for precision in ("no", bf16_or_no()):
-        results[precision] = measure("engine_accuracy", csv, precision, args, scratch / f"precision-{precision}")
-        print(f"precision {precision}: {results[precision]}", file=sys.stderr, flush=True)
+        options = {**worker_options(csv, precision, args), "run_dir": scratch / f"precision-{precision}"}
+        results[precision] = measure(__file__, "engine_accuracy", options)
+        log_progress(f"precision {precision}: {results[precision]}")
     return results
 
 
-def machine_description() -> dict:
-    import torch
-
-    from finetune.precision import cpu_supports_bf16
-
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "cpu_bf16": cpu_supports_bf16(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def markdown(report: dict) -> str:
-    lines = ["| case | system | samples/s | peak memory (MiB) | engine ÷ system |", "|---|---|---|---|---|"]
-    for case, rows in report["cases"].items():
-        if case == "precision":
-            continue
-        engine = rows["engine"]["samples_per_second"]
-        for system, values in rows.items():
-            ratio = engine / values["samples_per_second"]
-            lines.append(f"| {case} | {system} | {values['samples_per_second']:.1f} | "
-                         f"{values['peak_memory_mb']:.0f} | {ratio:.2f}x |")
+    lines = ratio_table({case: rows for case, rows in report["cases"].items() if case != "precision"})
     if "precision" in report["cases"]:
         lines += ["", "| precision | wall time (s) | test accuracy |", "|---|---|---|"]
         for precision, values in report["cases"]["precision"].items():
@@ -326,20 +258,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=["fixed", "variable", "precision"],
                         choices=["fixed", "variable", "precision"])
-    parser.add_argument("--steps", type=int, default=16, help="Optimizer steps per measurement (default 16).")
-    parser.add_argument("--warmup", type=int, default=4, help="Steps left out of the timing (default 4).")
-    parser.add_argument("--repeats", type=int, default=3, help="Runs per system; the median is reported (default 3).")
-    parser.add_argument("--output", default="bench/results_text.json", help="JSON file for the full results.")
-    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    add_timing_arguments(parser, list(WORKERS), steps=16, warmup=4, repeats=3, output="bench/results_text.json")
     parser.add_argument("--csv", help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
-    parser.add_argument("--run-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker_main(args)
+        run_worker(WORKERS, args)
         return
     report = run_cases(args)
-    Path(args.output).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    write_report(report, args.output)
     print(markdown(report))
 
 
