@@ -254,7 +254,18 @@ def test_plan_freeze_then_unfreeze():
 def test_plan_gradual_adds_one_group_per_epoch():
     stages, _ = plots.plan_stages({"preset": "gradual", "unfreeze_every_epochs": 1}, {"num_train_epochs": 5}, GROUPS)
     assert [s.trainable for s in stages] == [("head",), ("layer.1", "head"), ("layer.0", "layer.1", "head"), tuple(GROUPS)]
-    assert stages[-1].end == 5.0
+    assert [(s.start, s.end) for s in stages] == [(0, 1), (1, 2), (2, 3), (3, 5)]
+
+
+def test_plan_gradual_stops_at_last_epoch():
+    stages, _ = plots.plan_stages({"preset": "gradual", "unfreeze_every_epochs": 1}, {"num_train_epochs": 2}, GROUPS)
+    assert [s.trainable for s in stages] == [("head",), ("layer.1", "head")]
+
+
+def test_plan_gradual_in_steps():
+    stages, unit = plots.plan_stages({"preset": "gradual", "unfreeze_every_steps": 50}, {}, GROUPS)
+    assert unit == "step"
+    assert [(s.start, s.end) for s in stages] == [(0, 50), (50, 100), (100, 150), (150, 200)]
 
 
 def test_plan_milestones():
@@ -262,9 +273,15 @@ def test_plan_milestones():
         {"until_epoch": 2, "train": "head"}, {"until_epoch": 3, "train": "top:1", "learning_rate": 1e-4}, {"train": "all"},
     ]}
     stages, _ = plots.plan_stages(schedule, {"num_train_epochs": 4, "learning_rate": 5e-5}, GROUPS)
-    assert [(s.start, s.end) for s in stages] == [(0, 1.0), (1.0, 2.0), (2.0, 4.0)]
+    assert [(s.start, s.end) for s in stages] == [(0, 2), (2, 3), (3, 4)]
     assert stages[1].trainable == ("layer.1", "head")
     assert stages[1].learning_rate == 1e-4
+
+
+def test_plan_rejects_unknown_group():
+    schedule = {"preset": "milestones", "stages": [{"until_epoch": 2, "train": "nothing*"}, {"train": "all"}]}
+    with pytest.raises(ValueError, match="names no layer group"):
+        plots.plan_stages(schedule, {"num_train_epochs": 3}, GROUPS)
 
 
 def test_group_rates_layer_decay():

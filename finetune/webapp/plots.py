@@ -93,55 +93,63 @@ def plan_stages(schedule: dict, training: dict, groups: list[str]) -> tuple[list
     """Turn a schedule section into stages over `groups` (ordered bottom to top, head last).
 
     Returns the stages and their unit ("epoch" or "step"). Only the config is read, so the picture is
-    available before any model loads; it follows the preset definitions in the schedule config's help.
+    available before any model loads. Schedules counted in epochs go through the engine's own
+    `finetune.schedule.build_stages`; those counted in steps are drawn from the preset rules here, because
+    the number of steps per epoch is unknown until the data is loaded.
+    Raises ValueError (pydantic's ValidationError or a ScheduleError) for values the engine rejects.
     """
-    preset = schedule.get("preset", "full")
-    epochs = float(training.get("num_train_epochs", 3))
+    stages = schedule.get("stages") or []
+    uses_steps = bool(schedule.get("unfreeze_every_steps")) or any(
+        isinstance(stage, dict) and stage.get("until_step") for stage in stages
+    )
+    if uses_steps:
+        return _step_stages(schedule, training, groups), "step"
+    return _engine_epoch_stages(schedule, training, groups), "epoch"
+
+
+def _engine_epoch_stages(schedule: dict, training: dict, groups: list[str]) -> list[StagePlan]:
+    from ..config import ScheduleConfig, TrainingConfig
+    from ..schedule import build_stages
+
+    schedule_config = ScheduleConfig.model_validate(schedule)
+    training_config = TrainingConfig.model_validate(training)
+    epochs = float(training_config.num_train_epochs)
+    # With one "step" per epoch the engine's step boundaries are epoch boundaries.
+    built = build_stages(schedule_config, training_config, groups, steps_per_epoch=1)
+    plans = []
+    for stage in built:
+        if stage.start_step >= epochs:
+            break  # stages that would start after the last epoch never run
+        end = epochs if stage.end_step is None else min(float(stage.end_step), epochs)
+        trainable = tuple(groups[index] for index in sorted(stage.trainable))
+        plans.append(StagePlan(float(stage.start_step), end, trainable, stage.learning_rate))
+    return plans
+
+
+def _step_stages(schedule: dict, training: dict, groups: list[str]) -> list[StagePlan]:
     rate = float(training.get("learning_rate", 5e-5))
-    head = groups[-1:]
-    if preset == "linear_probe":
-        return [StagePlan(0, epochs, tuple(head), rate)], "epoch"
-    if preset == "freeze_then_unfreeze":
-        freeze = min(float(schedule.get("freeze_epochs", 1)), epochs)
-        stages = [StagePlan(0, freeze, tuple(head), rate)]
-        if freeze < epochs:
-            stages.append(StagePlan(freeze, epochs, tuple(groups), rate))
-        return stages, "epoch"
-    if preset == "gradual":
-        return _gradual_stages(schedule, epochs, rate, groups)
-    if preset == "milestones":
-        return _milestone_stages(schedule.get("stages") or [], epochs, rate, groups)
-    return [StagePlan(0, epochs, tuple(groups), rate)], "epoch"
+    if schedule.get("preset") == "gradual":
+        return _gradual_stages(float(schedule["unfreeze_every_steps"]), rate, groups)
+    return _milestone_step_stages(schedule.get("stages") or [], rate, groups)
 
 
-def _gradual_stages(schedule: dict, epochs: float, rate: float, groups: list[str]) -> tuple[list[StagePlan], str]:
-    steps = schedule.get("unfreeze_every_steps")
-    pace, unit = (float(steps), "step") if steps else (float(schedule.get("unfreeze_every_epochs") or 1), "epoch")
-    end = epochs if unit == "epoch" else pace * len(groups)
-    stages, start = [], 0.0
-    for count in range(1, len(groups) + 1):
-        stop = end if count == len(groups) else min(start + pace, end)
-        stages.append(StagePlan(start, stop, tuple(groups[-count:]), rate))
-        start = stop
-        if start >= end:
-            break
-    return stages, unit
+def _gradual_stages(pace: float, rate: float, groups: list[str]) -> list[StagePlan]:
+    # One more group every `pace` steps; the last stage (everything trains) is drawn one pace long.
+    return [
+        StagePlan(pace * (count - 1), pace * count, tuple(groups[-count:]), rate) for count in range(1, len(groups) + 1)
+    ]
 
 
-def _milestone_stages(stages: list[dict], epochs: float, rate: float, groups: list[str]) -> tuple[list[StagePlan], str]:
-    unit = "step" if any(stage.get("until_step") for stage in stages) else "epoch"
+def _milestone_step_stages(stages: list[dict], rate: float, groups: list[str]) -> list[StagePlan]:
     plans, start = [], 0.0
-    for index, stage in enumerate(stages):
-        # until_epoch counts epochs from 1: a stage "until epoch 3" covers epochs 1 and 2, i.e. [0, 2).
-        until = stage.get("until_step") if unit == "step" else stage.get("until_epoch")
-        if until is None:
-            end = epochs if unit == "epoch" else max(start * 1.5, start + 1)
-        else:
-            end = float(until) - (1 if unit == "epoch" else 0)
+    for stage in stages:
+        until = stage.get("until_step")
+        # A stage without an end (the last one) is drawn half as long again as the schedule so far.
+        end = float(until) if until is not None else max(start * 1.5, start + 1)
         trainable = _select_groups(stage.get("train", "all"), groups)
         plans.append(StagePlan(start, end, trainable, float(stage.get("learning_rate") or rate)))
         start = end
-    return plans, unit
+    return plans
 
 
 def _select_groups(spec, groups: list[str]) -> tuple[str, ...]:

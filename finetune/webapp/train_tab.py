@@ -3,6 +3,7 @@ picture, data uploads and the launch button."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,9 @@ def schedule_picture(text: str, settings: AppSettings | None = None):
         raw = configform.parse_yaml(text)
     except configform.ConfigError:
         return gr.skip()
-    groups, note = estimate_groups(str(configform.get_key(raw, "model.name_or_path") or ""), settings)
+    patterns = configform.get_key(raw, "model.layer_groups")
+    groups, note = estimate_groups(str(configform.get_key(raw, "model.name_or_path") or ""), settings,
+                                   patterns if isinstance(patterns, list) else None)
     try:
         return plots.schedule_figure(raw.get("schedule") or {}, raw.get("training") or {}, groups, note)
     except (TypeError, ValueError, ZeroDivisionError) as error:
@@ -140,24 +143,42 @@ def schedule_picture(text: str, settings: AppSettings | None = None):
         return gr.skip()
 
 
-def estimate_groups(model: str, settings: AppSettings | None) -> tuple[list[str], str]:
-    """Return the layer groups to draw, bottom to top, and a note when they are a guess.
+def estimate_groups(model: str, settings: AppSettings | None, patterns: list | None = None) -> tuple[list[str], str]:
+    """Return the layer groups to draw, bottom to top, and a note when they are placeholders.
 
-    For a local transformers folder the groups follow its config.json: embeddings, one group per layer, head.
-    The real grouping is computed when the job loads the model, so other backbones get four placeholder groups.
+    For a local transformers folder inside the model roots the groups are the engine's own
+    (`finetune.groups.discover_layer_groups` on the model built from its config.json on the meta device, so no
+    weights are read or allocated). Hub ids and other backbones get four placeholder groups.
     """
     folder = Path(model)
-    config_file = folder / "config.json"
-    if model and settings is not None and folder.is_absolute() and config_file.is_file():
+    if model and settings is not None and folder.is_absolute() and (folder / "config.json").is_file():
         try:
             resolve_inside(model, configform.model_roots(settings), subject="model folder")
-            layers = int(json.loads(config_file.read_text(encoding="utf-8")).get("num_hidden_layers", 0))
-        except (ValueError, OSError):
-            layers = 0
-        if 0 < layers <= 64:
-            return ["embeddings", *(f"layer.{index}" for index in range(layers)), "head"], ""
+            key = json.dumps(patterns or [], sort_keys=True)
+            return list(_engine_group_names(str(folder), (folder / "config.json").stat().st_mtime, key)), ""
+        except (ValueError, OSError, KeyError, ImportError) as error:
+            # An unknown architecture or a folder transformers cannot read keeps the placeholders.
+            logger.info("layer groups of %s not discovered for the schedule picture: %s", model, error)
     placeholder = ["bottom group", "middle group", "top group", "head"]
     return placeholder, "groups are placeholders until the job loads the model (finetune inspect lists the real ones)"
+
+
+@functools.lru_cache(maxsize=16)
+def _engine_group_names(folder: str, config_mtime: float, patterns_json: str) -> tuple[str, ...]:
+    # config_mtime is part of the cache key, so a re-saved folder is read again.
+    import torch
+    import transformers
+
+    from ..config import LayerGroupPattern
+    from ..groups import discover_layer_groups
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    is_vision = hasattr(config, "num_channels") or hasattr(config, "image_size") or config.model_type == "timm_wrapper"
+    auto = transformers.AutoModelForImageClassification if is_vision else transformers.AutoModelForSequenceClassification
+    patterns = [LayerGroupPattern.model_validate(item) for item in json.loads(patterns_json)] or None
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    return tuple(group.name for group in discover_layer_groups(model, patterns))
 
 
 def validation_outputs(text: str, settings: AppSettings, field_count: int) -> list[Any]:
