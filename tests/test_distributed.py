@@ -125,6 +125,14 @@ def test_two_process_step_count(two_process_run):
 
 
 @pytest.mark.slow
+def test_two_process_lr_ends_at_zero(two_process_run):
+    # The scheduler is sized by the steps each process makes (8), not by the batches of one pass (16).
+    train_events = events_of(two_process_run["events"], "train")
+    assert train_events[3]["learning_rate"] == pytest.approx(1e-3 * 4 / 8)
+    assert train_events[-1]["learning_rate"] == pytest.approx(0.0, abs=1e-15)
+
+
+@pytest.mark.slow
 def test_two_process_eval_counts(two_process_run):
     validation = events_of(two_process_run["events"], "eval", split="validation")
     test = events_of(two_process_run["events"], "eval", split="test")

@@ -217,6 +217,19 @@ def test_lr_max_steps_sizes_schedule(tmp_path, model_dir):
     assert logged == pytest.approx({step: PEAK_LR * (5 - step) / 5 for step in range(1, 6)}, rel=1e-9, abs=1e-15)
 
 
+def test_lr_sized_by_accumulated_steps(tmp_path, model_dir):
+    # 8 micro-batches in groups of 3, 3, 2 over 2 epochs: 6 optimizer steps, so the decay ends at step 6.
+    config = tiny_config(
+        tmp_path,
+        model={"name_or_path": str(model_dir)},
+        training={"learning_rate": PEAK_LR, "eval_strategy": "no", "gradient_accumulation_steps": 3, "num_train_epochs": 2},
+    )
+    code, events = run_recipe(config)
+    logged = {event["step"]: event["learning_rate"] for event in events_of(events, "train")}
+    assert code == 0
+    assert logged == pytest.approx({step: PEAK_LR * (6 - step) / 6 for step in range(1, 7)}, rel=1e-9, abs=1e-15)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Metric direction and the exported model
 
