@@ -97,10 +97,12 @@ class AppServer:
             "--data-root", str(self.data_root), "--model-root", str(self.model_root),
             "--max-upload-mb", str(UPLOAD_LIMIT_MB), *extra_args,
         ]
-        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                    "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
-        full_env.pop("FINETUNE_AUTH", None) if env is None or "FINETUNE_AUTH" not in env else None
-        self.process = subprocess.Popen(command, cwd=root, env=full_env, stdout=open(self.log, "wb"),
+        # A login in the developer's own environment must not leak into servers meant to run without one.
+        full_env = {key: value for key, value in os.environ.items() if key != "FINETUNE_AUTH"}
+        full_env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"})
+        full_env.update(env or {})
+        self.log_handle = open(self.log, "wb")
+        self.process = subprocess.Popen(command, cwd=root, env=full_env, stdout=self.log_handle,
                                         stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
@@ -122,6 +124,7 @@ class AppServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self.log_handle.close()
 
 
 def start_server(root: Path, extra_args: list[str] = (), env: dict | None = None) -> AppServer:

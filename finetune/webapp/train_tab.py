@@ -12,7 +12,7 @@ import gradio as gr
 
 from ..log import get_logger
 from . import configform, plots
-from .security import UploadRejected, resolve_inside, store_upload
+from .security import UPLOAD_SUFFIXES, UploadRejected, resolve_inside, store_upload
 from .service import JobService
 from .settings import AppSettings
 
@@ -31,7 +31,7 @@ def build_train_tab(settings: AppSettings, service: JobService) -> None:
             inputs, errors = _build_form(start, backbones)
             upload = gr.File(
                 label=f"or upload data (zip of an image folder, CSV, JSON, Parquet; at most {settings.max_upload_mb:g} MiB)",
-                file_types=list(configform_upload_types()), elem_id="data-upload",
+                file_types=list(UPLOAD_SUFFIXES), elem_id="data-upload",
             )
         with gr.Column(scale=1):
             editor = gr.Code(configform.dump_yaml(start), language="yaml", label="config (YAML)", elem_id="yaml-editor")
@@ -43,12 +43,6 @@ def build_train_tab(settings: AppSettings, service: JobService) -> None:
     schedule_plot = gr.Plot(label="schedule stages", elem_id="schedule-plot")
     _wire(settings, service, inputs, errors, editor, other_errors, status, schedule_plot,
           (upload, validate_button, launch_button))
-
-
-def configform_upload_types() -> tuple[str, ...]:
-    from .security import UPLOAD_SUFFIXES
-
-    return UPLOAD_SUFFIXES
 
 
 def _build_form(start: dict, backbones: list[tuple[str, str]]) -> tuple[list[gr.components.Component], list[gr.Markdown]]:
