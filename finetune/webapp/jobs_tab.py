@@ -47,7 +47,9 @@ def build_jobs_tab(settings: AppSettings, service: JobService) -> None:
         return refresh_view(service, job_id, drawn_key)
 
     outputs = [table, selected, job_status, log_tail, curves, drawn]
-    timer.tick(refresh, [selected, drawn], outputs, show_progress="hidden", api_name="jobs_refresh")
+    # Every open page ticks, so several refreshes may run at once; each only reads the store and run folder.
+    timer.tick(refresh, [selected, drawn], outputs, show_progress="hidden", api_name="jobs_refresh",
+               concurrency_limit=4, concurrency_id="jobs-refresh")
     selected.change(refresh, [selected, gr.State(None)], outputs, show_progress="hidden", api_visibility="private")
     table.select(_job_from_row, table, selected, api_visibility="private")
     for button, action in ((stop_button, "stop"), (resume_button, "resume"), (clone_button, "clone"),
