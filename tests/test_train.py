@@ -17,7 +17,6 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
@@ -250,45 +249,32 @@ def test_metric_direction(name, override, expected):
     assert metric_greater_is_better(name, override) is expected
 
 
-def write_flipped_validation(path: Path) -> Path:
-    """Write 16 validation reviews with every 4th label flipped, so the validation loss first falls while the
-    model learns the cue words, then rises as it grows confident on the flipped rows: its minimum lies inside."""
-    make_reviews_csv(path, 16, seed=2)
-    frame = pd.read_csv(path)
-    flipped = frame.index % 4 == 0
-    frame.loc[flipped, "label"] = frame.loc[flipped, "label"].map({"fresh": "rotten", "rotten": "fresh"})
-    frame.to_csv(path, index=False)
-    return path
-
-
-def test_export_is_best_by_loss(tmp_path, model_dir):
+@pytest.mark.parametrize(("greater_is_better", "pick"), [(None, min), (True, max)], ids=["inferred", "overridden"])
+def test_export_is_best_by_loss(tmp_path, model_dir, greater_is_better, pick):
+    # A high learning rate makes the validation loss move at each of the 16 evaluations. The lowest and the
+    # highest loss cannot both be the final one, so between the two cases the export differs from the final model.
     config = tiny_config(
         tmp_path,
         model={"name_or_path": str(model_dir)},
-        data={
-            "train": str(make_reviews_csv(tmp_path / "train.csv", 96, seed=1)),
-            "validation": str(write_flipped_validation(tmp_path / "validation.csv")),
-            "test": str(make_reviews_csv(tmp_path / "test.csv", 8, seed=3)),
-        },
         training={
-            "num_train_epochs": 3,
-            "per_device_train_batch_size": 8,
+            "num_train_epochs": 2,
             "learning_rate": 1e-2,
             "eval_strategy": "steps",
-            "eval_steps": 3,
+            "eval_steps": 1,
             "metric_for_best_model": "loss",
+            "greater_is_better": greater_is_better,
         },
     )
     code, events = run_recipe(config)
     evaluations = events_of(events, "eval", split="validation")
     losses = [event["loss"] for event in evaluations]
-    best = min(range(len(losses)), key=losses.__getitem__)
+    best = losses.index(pick(losses))
     exported = json.loads((tmp_path / "run" / "export" / "eval_results.json").read_text())
     run_end = events_of(events, "run_end")[0]
 
     assert code == 0
-    # The run must make the choice matter: neither the final nor the highest loss is the lowest.
-    assert 0 < best < len(losses) - 1
+    assert len(losses) == 16
+    assert len(set(losses)) > 1
     assert exported["validation"]["loss"] == pytest.approx(losses[best], rel=1e-6)
     assert run_end["best_step"] == evaluations[best]["step"]
     assert run_end["best_value"] == pytest.approx(losses[best], rel=1e-12)
