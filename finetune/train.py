@@ -361,6 +361,7 @@ class FineTuneRecipe:
         self.progress = tqdm(total=self.total_steps, initial=self.state.global_step, desc="training",
                              unit="step", disable=not self.is_main, dynamic_ncols=True)
         status = "running"
+        self._window_loss, self._window_batches = 0.0, 0
         # The epoch bound matters only after a resume with another number of processes: the steps done before
         # it were larger or smaller, so the step budget alone would end the run in the wrong epoch.
         while (status == "running" and self.state.global_step < self.total_steps
@@ -388,8 +389,10 @@ class FineTuneRecipe:
         if self.state.micro_batches_done:
             loader = self.accelerator.skip_first_batches(self.train_loader, self.state.micro_batches_done)
         accumulation = self.training.gradient_accumulation_steps
+        # Only the throughput window restarts here, because evaluation and checkpoints between epochs are not
+        # training time. The loss window runs on to the next train event, across the epoch end.
         self._window_start = time.perf_counter()
-        self._window_loss, self._window_batches, self._window_samples = 0.0, 0, 0
+        self._window_samples = 0
         step_loss = torch.zeros((), device=self.accelerator.device)
 
         for index, batch in enumerate(loader, start=self.state.micro_batches_done):
