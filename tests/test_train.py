@@ -229,6 +229,25 @@ def test_lr_sized_by_accumulated_steps(tmp_path, model_dir):
     assert logged == pytest.approx({step: PEAK_LR * (6 - step) / 6 for step in range(1, 7)}, rel=1e-9, abs=1e-15)
 
 
+def test_train_loss_spans_epoch_end(tmp_path, model_dir):
+    # 4 steps per epoch, a train event every 3 steps: the event at step 6 averages steps 4, 5 and 6, across the
+    # epoch boundary, as metrics.jsonl documents ("mean over the micro-batches since the last train event").
+    per_step, every_third = {}, {}
+    for logging_steps, losses in ((1, per_step), (3, every_third)):
+        config = tiny_config(
+            tmp_path,
+            model={"name_or_path": str(model_dir)},
+            training={"per_device_train_batch_size": 8, "num_train_epochs": 2, "logging_steps": logging_steps},
+            output={"run_dir": str(tmp_path / f"every{logging_steps}")},
+        )
+        code, events = run_recipe(config)
+        assert code == 0
+        losses.update({event["step"]: event["loss"] for event in events_of(events, "train")})
+    assert sorted(every_third) == [3, 6]
+    assert every_third[3] == pytest.approx((per_step[1] + per_step[2] + per_step[3]) / 3, rel=1e-6)
+    assert every_third[6] == pytest.approx((per_step[4] + per_step[5] + per_step[6]) / 3, rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Metric direction and the exported model
 
