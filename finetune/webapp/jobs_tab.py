@@ -21,6 +21,7 @@ from .settings import AppSettings
 logger = get_logger(__name__)
 
 REFRESH_SECONDS = 2.0
+LOG_TAIL_LINES = 40
 TABLE_HEADERS = ["id", "name", "status", "progress", "ETA", "stage", "best metric", "created"]
 FINAL = ("completed", "stopped", "failed", "cancelled")
 
@@ -39,7 +40,8 @@ def build_jobs_tab(settings: AppSettings, service: JobService) -> None:
     action_status = gr.Markdown(elem_id="job-action-status")
     job_status = gr.Markdown(elem_id="job-status")
     curves = gr.Plot(label="curves", elem_id="job-curves")
-    log_tail = gr.Textbox(label="log tail", lines=12, max_lines=24, autoscroll=True, elem_id="job-log")
+    # The box is as tall as the tail, so the newest line is visible without scrolling.
+    log_tail = gr.Textbox(label="log tail", lines=12, max_lines=LOG_TAIL_LINES, autoscroll=True, elem_id="job-log")
     download = gr.File(label="exported model (zip)", elem_id="job-export-zip")
     drawn = gr.State(None)  # (job id, metrics.jsonl size) of the curves on screen, to redraw only on change
 
@@ -87,7 +89,7 @@ def refresh_view(service: JobService, job_id: str | None, drawn_key) -> list:
     if key != (tuple(drawn_key) if drawn_key else None):
         events = runlog.read_events(job.run_dir)
         figure = plots.curves_figure({job.name: events}, metric=job.metric)
-    return [rows, selector, status_text(job), runs.tail_log(job.run_dir), figure, list(key)]
+    return [rows, selector, status_text(job), runs.tail_log(job.run_dir, max_lines=LOG_TAIL_LINES), figure, list(key)]
 
 
 def _table_row(job: JobView) -> list:
