@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from finetune import runlog
-from finetune.checkpoint import is_complete, list_complete, read_checkpoint_record
+from finetune.checkpoint import checkpoint_step, is_complete, list_complete, read_checkpoint_record
 from finetune.precision import cpu_supports_bf16
 from tiny import NEGATIVE_WORDS, NEUTRAL_WORDS, POSITIVE_WORDS, make_reviews_csv, merge
 
@@ -328,7 +328,8 @@ def test_bf16_resume_exact(forkserver, assets, baselines, tmp_path):
 
 
 def newest_step(run_dir: Path) -> int:
-    steps = [read_checkpoint_record(path)["step"] for path in list_complete(run_dir / runlog.CHECKPOINTS_DIR)]
+    # Names only: a running process may delete an old checkpoint between listing and reading it.
+    steps = [checkpoint_step(path) for path in list_complete(run_dir / runlog.CHECKPOINTS_DIR)]
     return max(steps, default=0)
 
 
