@@ -641,7 +641,8 @@ class FineTuneRecipe:
         self._write_event("stage", **change)
 
     def _write_event(self, event: str, **fields) -> None:
-        epoch = self.state.epoch + self.state.micro_batches_done / max(1, self.micro_batches_per_epoch)
+        # Setup may fail before the epoch length is known; the run_end event is still written then.
+        epoch = self.state.epoch + self.state.micro_batches_done / max(1, getattr(self, "micro_batches_per_epoch", 1))
         self.run_log.write(event, self.state.global_step, epoch, **fields)
 
     def _write_run_end(self) -> None:
@@ -722,7 +723,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("config_path", nargs="?", help="YAML config file (or use --config).")
     parser.add_argument("--config", dest="config_option", help="YAML config file.")
     parser.add_argument("overrides", nargs="*", help="Dotted overrides, e.g. training.learning_rate=3e-5.")
-    args = parser.parse_args(argv)
+    # Intermixed parsing, because plain parse_args stops collecting overrides at --config and then rejects
+    # those after it (`KEY=VALUE --config CONFIG KEY=VALUE`).
+    args = parser.parse_intermixed_args(argv)
     if args.config_option:
         if args.config_path:
             args.overrides.insert(0, args.config_path)
