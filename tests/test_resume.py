@@ -6,7 +6,7 @@ that has imported the engine already, so a restart costs well under a second ins
 
 Interruptions are real: SIGKILL or SIGTERM from outside at random moments, or SIGKILL sent by the training
 process to itself right after a chosen micro-batch, to hit exact places such as the middle of a gradient
-accumulation group or either side of an unfreeze.
+accumulation group or either side of an unfreeze. The same hook turns one micro-batch's loss into NaN.
 """
 
 from __future__ import annotations
@@ -138,11 +138,11 @@ def forkserver():
     return context
 
 
-def _train_process(config_path: str, kill_after_micro_batches: int | None) -> None:
+def _train_process(config_path: str, fault: tuple[str, int] | None) -> None:
     """Run `finetune.train.main` on `config_path` and exit with its code (target of a forked process).
 
-    With `kill_after_micro_batches`, the process sends itself SIGKILL right after that many forward/backward
-    passes, counted from its start.
+    `fault` injects one failure right after the N-th forward/backward pass of this process: ("kill", N) sends
+    the process SIGKILL, and ("nan", N) turns that micro-batch's loss into NaN as the loop sees it.
     """
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1")
     # One intra-op thread: the micro model gains nothing from more, and on a busy 2-core machine OpenMP
@@ -150,31 +150,34 @@ def _train_process(config_path: str, kill_after_micro_batches: int | None) -> No
     torch.set_num_threads(1)
     from finetune import train
 
-    if kill_after_micro_batches is not None:
+    if fault is not None:
+        kind, at_call = fault
         original = train.FineTuneRecipe._forward_backward
         calls = 0
 
-        def forward_backward_then_die(self, *args, **kwargs):
+        def forward_backward_with_fault(self, *args, **kwargs):
             nonlocal calls
-            result = original(self, *args, **kwargs)
+            loss = original(self, *args, **kwargs)
             calls += 1
-            if calls == kill_after_micro_batches:
+            if calls == at_call and kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
-            return result
+            if calls == at_call and kind == "nan":
+                loss = loss * float("nan")
+            return loss
 
-        train.FineTuneRecipe._forward_backward = forward_backward_then_die
+        train.FineTuneRecipe._forward_backward = forward_backward_with_fault
     sys.exit(train.main([config_path]))
 
 
-def start_training(forkserver, config_path: Path, kill_after_micro_batches: int | None = None):
-    process = forkserver.Process(target=_train_process, args=(str(config_path), kill_after_micro_batches))
+def start_training(forkserver, config_path: Path, fault: tuple[str, int] | None = None):
+    process = forkserver.Process(target=_train_process, args=(str(config_path), fault))
     process.start()
     return process
 
 
-def run_training(forkserver, config_path: Path, kill_after_micro_batches: int | None = None) -> int:
+def run_training(forkserver, config_path: Path, fault: tuple[str, int] | None = None) -> int:
     """Run one training process to its end; return its exit code (negative: killed by that signal)."""
-    process = start_training(forkserver, config_path, kill_after_micro_batches)
+    process = start_training(forkserver, config_path, fault)
     process.join(RUN_TIMEOUT)
     if process.is_alive():
         process.kill()
@@ -229,7 +232,7 @@ def interrupt_and_resume(forkserver, config: dict, config_path: Path, kill_after
     """Run `config`, killing the process after each count of micro-batches in `kill_after`, then finish it."""
     write_config(config, config_path)
     for count in kill_after:
-        code = run_training(forkserver, config_path, kill_after_micro_batches=count)
+        code = run_training(forkserver, config_path, fault=("kill", count))
         assert code == -signal.SIGKILL, f"the run was to be killed after {count} micro-batches, but exited with {code}"
     code = run_training(forkserver, config_path)
     assert code == runlog.EXIT_COMPLETED
@@ -508,3 +511,43 @@ def test_two_process_checkpoint_resumes(assets, tmp_path):
     train_steps = [event["step"] for event in runlog.read_events(resumed_one) if event["event"] == "train"]
     assert train_steps == list(range(3, 15))
     assert run_end(resumed_one)["status"] == "completed"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Non-finite loss and early stopping in real runs
+
+
+def test_nan_loss_stops_run(forkserver, assets, tmp_path):
+    # The loss of micro-batch 7 (step 7) becomes NaN; checkpoints exist for steps 2, 4 and 6.
+    run_dir = tmp_path / "run"
+    config_path = write_config(micro_config(assets, run_dir, checkpoint={"save_total_limit": 10}), tmp_path / "c.yaml")
+    assert run_training(forkserver, config_path, fault=("nan", 7)) == runlog.EXIT_FAILED
+    end = run_end(run_dir)
+    assert end["status"] == "failed"
+    assert "training loss is nan at optimizer step 7;" in end["error"]
+    assert newest_step(run_dir) == 6
+    assert incomplete_visible(run_dir) == []
+
+
+def test_nan_loss_skips_step(forkserver, assets, tmp_path):
+    run_dir = tmp_path / "run"
+    config = micro_config(assets, run_dir, training={"nan_policy": "skip"})
+    assert run_training(forkserver, write_config(config, tmp_path / "c.yaml"), fault=("nan", 7)) == runlog.EXIT_COMPLETED
+    train_losses = {event["step"]: event["loss"] for event in runlog.read_events(run_dir) if event["event"] == "train"}
+    assert train_losses[7] == "nan"
+    assert sorted(train_losses) == list(range(1, 17))
+    assert run_end(run_dir)["status"] == "completed"
+
+
+def test_early_stopping_ends_run(forkserver, assets, tmp_path):
+    # No later evaluation can beat the first by the threshold of 10, so patience 1 ends the run at the second.
+    run_dir = tmp_path / "run"
+    training = {"eval_strategy": "steps", "eval_steps": 2, "metric_for_best_model": "loss",
+                "early_stopping_patience": 1, "early_stopping_threshold": 10.0}
+    config = micro_config(assets, run_dir, training=training, output={"export": "best"})
+    assert run_training(forkserver, write_config(config, tmp_path / "c.yaml")) == runlog.EXIT_COMPLETED
+    end = run_end(run_dir)
+    assert end["status"] == "early_stopped"
+    assert end["step"] == 4
+    assert end["best_metric"] == "loss"
+    assert (run_dir / runlog.EXPORT_DIR / "model.safetensors").is_file()
