@@ -24,7 +24,7 @@ from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 
 from finetune.config import validate_config  # noqa: E402
 from finetune.stopping import metric_greater_is_better  # noqa: E402
-from finetune.train import FineTuneRecipe  # noqa: E402
+from finetune.train import FineTuneRecipe, parse_args  # noqa: E402
 from tiny import events_of, make_reviews_csv, make_tiny_bert, run_recipe, tiny_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -432,3 +432,26 @@ def test_unknown_metric_rejected_before_training(tmp_path, model_dir):
     assert "training.metric_for_best_model = 'f1'" in recipe.error
     assert "use one of: accuracy, f1_macro" in recipe.error
     assert not (tmp_path / "run").exists()  # rejected before the run folder is written
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run.yaml", "training.learning_rate=3e-5", "data.max_length=64"],
+        ["--config", "run.yaml", "training.learning_rate=3e-5", "data.max_length=64"],
+        ["training.learning_rate=3e-5", "--config", "run.yaml", "data.max_length=64"],
+        ["training.learning_rate=3e-5", "data.max_length=64", "--config", "run.yaml"],
+    ],
+    ids=["positional", "option_first", "option_between", "option_last"],
+)
+def test_train_arguments(argv):
+    args = parse_args(argv)
+    assert args.config_path == "run.yaml"
+    assert args.overrides == ["training.learning_rate=3e-5", "data.max_length=64"]
+
+
+def test_train_arguments_need_config(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([])
+    assert exit_info.value.code == 2
+    assert "a config file is required" in capsys.readouterr().err
