@@ -4,9 +4,9 @@ Every run is a real `finetune.train.main` call in its own process, on a micro BE
 31-word vocabulary) so that a step and a checkpoint take milliseconds. Processes are forked from a server
 that has imported the engine already, so a restart costs well under a second instead of the import time.
 
-Interruptions are real: SIGKILL or SIGTERM from outside at random moments, or SIGKILL sent by the training
-process to itself right after a chosen micro-batch, to hit exact places such as the middle of a gradient
-accumulation group or either side of an unfreeze. The same hook turns one micro-batch's loss into NaN.
+Interruptions are real: SIGKILL or SIGTERM from outside at random moments, or SIGKILL that the training
+process sends itself right after a chosen micro-batch. The latter hits exact places, such as the middle of a
+gradient accumulation group or either side of an unfreeze. The same hook turns one micro-batch's loss into NaN.
 """
 
 from __future__ import annotations
@@ -142,11 +142,12 @@ def _train_process(config_path: str, fault: tuple[str, int] | None) -> None:
     """Run `finetune.train.main` on `config_path` and exit with its code (target of a forked process).
 
     `fault` injects one failure right after the N-th forward/backward pass of this process: ("kill", N) sends
-    the process SIGKILL, and ("nan", N) turns that micro-batch's loss into NaN as the loop sees it.
+    the process SIGKILL, and ("nan", N) makes the loss returned to the loop for that micro-batch NaN.
     """
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1")
     # One intra-op thread: the micro model gains nothing from more, and on a busy 2-core machine OpenMP
-    # threads waiting for each other made each run about 5 times slower (11 s instead of 2.4 s, measured).
+    # threads waiting for each other made a 16-step run about 5 times slower (11 s instead of 2.4 s, measured
+    # with other jobs running).
     torch.set_num_threads(1)
     from finetune import train
 
@@ -294,7 +295,7 @@ def test_resume_keeps_learning_rate(forkserver, assets, tmp_path):
 
 @pytest.mark.parametrize("kill_after", [[6], [11]], ids=["before_unfreeze", "after_unfreeze"])
 def test_unfreeze_resume_exact(forkserver, assets, baselines, tmp_path, kill_after):
-    # The head trains alone in epoch 1 (steps 1-8); from step 9 on everything trains, with layer-wise rates
+    # The head trains alone in epoch 1 (steps 1-8). From step 9 on everything trains, with layer-wise rates
     # and a 2-step warm-up of the newly unfrozen groups.
     schedule = {"preset": "freeze_then_unfreeze", "freeze_epochs": 1, "layer_decay": 0.7, "unfreeze_warmup_steps": 2}
     expected = baselines.get("unfreeze", schedule=schedule)
@@ -306,8 +307,9 @@ def test_unfreeze_resume_exact(forkserver, assets, baselines, tmp_path, kill_aft
 
 
 def test_accumulation_resume_mid_group(forkserver, assets, baselines, tmp_path):
-    # Batch 2 and 3 micro-batches per step: 16 micro-batches per epoch make steps of 3, 3, 3, 3, 3 and 1.
-    # The kill after 8 micro-batches lands after the second of step 3's three; the resume replays from step 2.
+    # With batches of 2 examples and 3 micro-batches per step, an epoch's 16 micro-batches make steps of 3,
+    # 3, 3, 3, 3 and 1. The kill after 8 micro-batches lands after the second of step 3's three micro-batches,
+    # and the resume replays them from checkpoint-2.
     training = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 3}
     expected = baselines.get("accumulation", training=training)
     config = micro_config(assets, tmp_path / "run", training=training, checkpoint={"save_steps": 1})
