@@ -81,6 +81,24 @@ def test_no_is_kept():
     assert resolve_mixed_precision("no") == "no"
 
 
+def test_auto_with_use_cpu():
+    # use_cpu decides by the CPU's flags even where a GPU is present.
+    assert resolve_mixed_precision("auto", use_cpu=True) == ("bf16" if HAS_BF16 else "no")
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_auto_on_gpu():
+    assert resolve_mixed_precision("auto") == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+
+
+@needs_cuda
+def test_fp16_accepted_on_gpu():
+    assert resolve_mixed_precision("fp16") == "fp16"
+
+
 @pytest.fixture
 def one_thread(tmp_path, monkeypatch):
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
