@@ -14,7 +14,9 @@ class CheckpointConfig(Section):
     save_every_epoch: bool = Field(True, description="Write a checkpoint at the end of every epoch.")
     save_total_limit: int = Field(2, ge=1, description="Keep this many newest checkpoints, plus the best one.")
     resume: str = Field(
-        "auto", description="auto: continue from the newest complete checkpoint in the run folder; never; or a checkpoint path."
+        "auto",
+        description="auto: continue from the newest complete checkpoint in the run folder; never; or the path of "
+        "a checkpoint folder, or of a run folder whose newest checkpoint is used.",
     )
 
     def problems(self) -> list[ConfigIssue]:
