@@ -144,9 +144,9 @@ def test_short_group_loss_is_mean(tmp_path, model_dir):
 def expected_lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
     """Return the LR multiplier after `step` optimizer steps, i.e. the one the next step uses.
 
-    Warm-up climbs linearly to the peak, reached at step `warmup`; linear and cosine decay reach 0 at `total`,
-    as in transformers' get_linear/cosine_schedule_with_warmup. The first step already uses 1/(warmup+1) of
-    the peak instead of 0, so no step is wasted at rate 0.
+    Warm-up climbs linearly to the peak, which is reached at step `warmup`. Linear and cosine decay then reach 0
+    at `total`, with the same formulas as transformers' get_linear/cosine_schedule_with_warmup (5.x). Unlike
+    those, the first step already uses 1/(warmup+1) of the peak instead of 0, so no step runs at rate 0.
     """
     if step < warmup:
         return (step + 1) / (warmup + 1)
