@@ -6,7 +6,7 @@ line through `run_worker` and exits. One process per measurement keeps each syst
 keeps one system's warm caches and allocator state out of the next system's timing.
 
 Throughput is samples per second over the steps after `warmup`, counted from the end of the last warm-up step to
-the end of the last step. Peak memory is the worker's max RSS on CPU (its own process only: DataLoader worker
+the end of the last step. Peak memory is the worker's peak RSS on CPU (its own process only: DataLoader worker
 processes are not counted) or `torch.cuda.max_memory_allocated` on a GPU.
 """
 
@@ -34,12 +34,20 @@ REFERENCE_SYSTEM = "engine"
 
 
 def peak_memory_mb() -> float:
-    """Return this process's peak memory in MiB: max allocated CUDA memory on a GPU, else max RSS."""
+    """Return this process's peak memory in MiB: max allocated CUDA memory on a GPU, else peak RSS."""
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    # VmHWM is the peak RSS of this process's own address space. Linux carries ru_maxrss over fork and exec, so
+    # there a worker started by a larger driver would report the driver's peak instead of its own.
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text(encoding="ascii").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit / 1024
 
 
 def throughput(step_ends: list[float], warmup: int, batch_size: int) -> float:
@@ -133,7 +141,7 @@ def median_of(results: list[dict]) -> dict:
 
 
 def log_progress(message: str) -> None:
-    """Write one progress line to stderr, so that stdout holds only the Markdown table."""
+    """Write one progress line to stderr, so that stdout contains only the Markdown table."""
     print(message, file=sys.stderr, flush=True)
 
 
