@@ -248,6 +248,22 @@ def test_train_loss_spans_epoch_end(tmp_path, model_dir):
     assert every_third[6] == pytest.approx((per_step[4] + per_step[5] + per_step[6]) / 3, rel=1e-6)
 
 
+@pytest.mark.parametrize(("max_grad_norm", "has_norm"), [(1.0, True), (None, False)], ids=["clipped", "unclipped"])
+def test_train_event_fields(tmp_path, model_dir, max_grad_norm, has_norm):
+    config = tiny_config(
+        tmp_path,
+        model={"name_or_path": str(model_dir)},
+        training={"max_steps": 2, "eval_strategy": "no", "max_grad_norm": max_grad_norm},
+    )
+    code, events = run_recipe(config)
+    train_events = events_of(events, "train")
+    assert code == 0
+    assert len(train_events) == 2
+    assert all(event["samples_per_second"] > 0 for event in train_events)
+    assert all(math.isfinite(event["loss"]) for event in train_events)
+    assert all((event["grad_norm"] is not None) is has_norm for event in train_events)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Metric direction and the exported model
 
