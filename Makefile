@@ -53,6 +53,9 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python bench/bench_text.py
+	$(BIN)/python bench/bench_vision.py
+	$(BIN)/python bench/bench_cache.py
+	$(BIN)/python bench/bench_schedules.py
 
 docs: setup
 	$(BIN)/python -m finetune.config.docs > docs/config.md
