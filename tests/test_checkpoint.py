@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
-import multiprocessing.forkserver
 import os
 import random
 import shutil
@@ -35,6 +33,7 @@ from finetune.checkpoint import (
     resolve_resume,
 )
 from finetune.config import ConfigError
+from forking import engine_forkserver
 
 REPO = Path(__file__).resolve().parents[1]
 FINGERPRINT = {"task": "text-classification", "model": "tiny-bert", "label_names": ["neg", "pos"], "world_size": 1}
@@ -419,23 +418,7 @@ def _newest_step(checkpoints: Path) -> int:
 
 @pytest.fixture(scope="module")
 def forkserver():
-    """A multiprocessing context whose server has imported this module, so a Process starts in milliseconds.
-
-    Python 3.11 does not pass sys.path to the server, so PYTHONPATH carries it while the server starts.
-    """
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), str(REPO)] + ([saved] if saved else []))
-    context = multiprocessing.get_context("forkserver")
-    # torch.optim imports torch._dynamo (and sympy) on first use, which takes seconds per process otherwise.
-    context.set_forkserver_preload([__name__, "torch._dynamo"])
-    try:
-        multiprocessing.forkserver.ensure_running()
-    finally:
-        if saved is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = saved
-    return context
+    return engine_forkserver()
 
 
 @pytest.mark.slow

@@ -12,8 +12,6 @@ gradient accumulation group or either side of an unfreeze. The same hook turns o
 from __future__ import annotations
 
 import json
-import multiprocessing
-import multiprocessing.forkserver
 import os
 import random
 import shutil
@@ -33,6 +31,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from finetune import runlog
 from finetune.checkpoint import checkpoint_step, is_complete, list_complete, read_checkpoint_record
 from finetune.precision import cpu_supports_bf16
+from forking import engine_forkserver
 from tiny import NEGATIVE_WORDS, NEUTRAL_WORDS, POSITIVE_WORDS, make_reviews_csv, merge
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,25 +116,7 @@ def write_config(config: dict, path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def forkserver():
-    """A multiprocessing context whose server has imported the engine, so each run starts in milliseconds.
-
-    Python 3.11 does not pass sys.path to the server, so PYTHONPATH carries it while the server starts.
-    """
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), str(REPO)] + ([saved] if saved else []))
-    context = multiprocessing.get_context("forkserver")
-    # torch.optim imports torch._dynamo on first use, and transformers imports model classes lazily.
-    context.set_forkserver_preload(
-        [__name__, "finetune.train", "torch._dynamo", "transformers.models.bert.modeling_bert"]
-    )
-    try:
-        multiprocessing.forkserver.ensure_running()
-    finally:
-        if saved is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = saved
-    return context
+    return engine_forkserver()
 
 
 def _train_process(config_path: str, fault: tuple[str, int] | None) -> None:
