@@ -11,6 +11,8 @@ Layout of `<run_dir>/checkpoints/`:
   `checkpoint-<step>` only after every file is fsynced and `COMPLETE` is written inside it, so a visible
   `checkpoint-<step>` is never incomplete. Deleted checkpoints are first renamed to `.tmp-delete-*`, so a
   process killed halfway through a deletion leaves no half-deleted checkpoint visible either.
+- `abandoned-checkpoint-<step>-<nonce>/`: a checkpoint newer than the one a run resumed from, set aside
+  (not deleted) because the resumed run replaces the steps it covered.
 
 `COMPLETE` is a JSON manifest of every file in the checkpoint with its size in bytes; `is_complete` checks it,
 which also catches a file truncated after the fact.
@@ -366,7 +368,32 @@ class CheckpointManager:
         record = read_checkpoint_record(path)
         self.accelerator.load_state(str(path))
         _logger().info("Resumed from checkpoint %s (step %s)", path, record.get("step"))
+        if self.accelerator.is_main_process:
+            self._set_aside_newer_than(path)
+        self.accelerator.wait_for_everyone()
         return record["state"]
+
+    def _set_aside_newer_than(self, path: Path) -> None:
+        """Rename this run's checkpoints with a higher step than `path` to `abandoned-checkpoint-<step>-<nonce>`.
+
+        Resuming from an older checkpoint abandons the steps after it. Left visible, those checkpoints would
+        be picked by `latest()` after the next interruption and by `best()`. Renaming keeps their files.
+        """
+        step = checkpoint_step(path)
+        if step is None or path.resolve().parent != self.dir.resolve():
+            return
+        for newer in self.list_complete():
+            if checkpoint_step(newer) <= step:
+                continue
+            target = self.dir / f"abandoned-{newer.name}-{secrets.token_hex(4)}"
+            try:
+                os.rename(newer, target)
+            except OSError as error:
+                # Not raised: the other processes wait at the barrier, and the resume itself has succeeded.
+                _logger().warning("Could not move %s aside (%s); remove it, or a later `resume: auto` may pick it.",
+                                  newer, error)
+                continue
+            _logger().warning("Resuming from step %d abandons the later %s; moved it to %s", step, newer, target)
 
 
 def _temp_kind(path: Path) -> tuple[str, int | None]:

@@ -112,6 +112,21 @@ def test_load_restores_state(tmp_path, accelerator):
     assert torch.equal(torch.rand(3), expected_draw)
 
 
+def test_load_sets_aside_newer(tmp_path, accelerator):
+    make_training(accelerator)
+    manager = CheckpointManager(tmp_path, accelerator, save_total_limit=5)
+    older = manager.save(1, {"step": 1}, is_best=False, fingerprint=FINGERPRINT)
+    manager.save(2, {"step": 2}, is_best=True, fingerprint=FINGERPRINT)
+    manager.save(3, {"step": 3}, is_best=False, fingerprint=FINGERPRINT)
+
+    manager.load(older)
+
+    assert manager.list_complete() == [older]
+    assert manager.best() is None
+    abandoned = sorted(child.name.rsplit("-", 1)[0] for child in manager.dir.glob("abandoned-*"))
+    assert abandoned == ["abandoned-checkpoint-2", "abandoned-checkpoint-3"]
+
+
 def test_load_rejects_incomplete(tmp_path, accelerator):
     make_training(accelerator)
     manager = CheckpointManager(tmp_path, accelerator, save_total_limit=2)
