@@ -244,7 +244,8 @@ class CheckpointManager:
         """Write `checkpoint-<step>` atomically and prune old checkpoints; return its path. Call on all processes.
 
         `trainer_state` and `fingerprint` must be JSON-serialisable; `is_best` marks that the metric improved at
-        this step. A checkpoint already present at `step` is replaced. On a failed write (disk full, permission
+        this step. A checkpoint already present at `step` is replaced, and keeps its best mark: the weights of
+        one step are the same, so a second save at that step (say at the epoch end) must not unmark them. On a failed write (disk full, permission
         denied) every process raises `CheckpointWriteError` naming the folder; the temporary folder is removed
         and earlier checkpoints stay complete. The run should then stop rather than continue: it could no longer
         be resumed, and the export would likely fail the same way.
@@ -275,6 +276,8 @@ class CheckpointManager:
 
         if self.accelerator.is_main_process:
             try:
+                if not is_best and _marked_best(final):
+                    record_text = json.dumps(dict(record, is_best=True), indent=2, allow_nan=True)
                 (tmp / TRAINER_STATE_FILE).write_text(record_text, encoding="utf-8")
                 _write_manifest(tmp)
                 _publish(tmp, final, nonce)
@@ -394,6 +397,12 @@ class CheckpointManager:
                                   newer, error)
                 continue
             _logger().warning("Resuming from step %d abandons the later %s; moved it to %s", step, newer, target)
+
+
+def _marked_best(path: Path) -> bool:
+    if not is_complete(path):
+        return False
+    return bool(read_checkpoint_record(path).get("is_best"))
 
 
 def _temp_kind(path: Path) -> tuple[str, int | None]:

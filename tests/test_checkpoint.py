@@ -165,6 +165,18 @@ def test_resave_same_step_replaces(tmp_path, accelerator):
     assert [child.name for child in manager.dir.iterdir()] == ["checkpoint-4"]
 
 
+def test_resave_keeps_best_mark(tmp_path, accelerator):
+    # The loop saves a step twice when an evaluation step is also an epoch end: first as best, then plainly.
+    make_training(accelerator)
+    manager = CheckpointManager(tmp_path, accelerator, save_total_limit=2)
+    manager.save(3, {}, is_best=True, fingerprint=FINGERPRINT)
+    path = manager.save(4, {}, is_best=True, fingerprint=FINGERPRINT)
+    manager.save(4, {"epoch_end": True}, is_best=False, fingerprint=FINGERPRINT)
+    assert manager.best() == path
+    assert read_checkpoint_record(path)["is_best"] is True
+    assert read_checkpoint_record(path)["state"] == {"epoch_end": True}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Retention
 
