@@ -362,16 +362,20 @@ class CheckpointManager:
 
     # -- load ----------------------------------------------------------------------------------------------------
 
-    def load(self, path: str | os.PathLike) -> dict:
+    def load(self, path: str | os.PathLike, set_aside_newer: bool = True) -> dict:
         """Restore the model, optimizer, scheduler, scaler, RNG and registered objects from `path`; return the
-        `trainer_state` given to `save`. Call on all processes, after `accelerator.prepare` and registration."""
+        `trainer_state` given to `save`. Call on all processes, after `accelerator.prepare` and registration.
+
+        A resumed run replaces the steps after `path`, so by default this run's checkpoints with higher steps
+        are renamed to `abandoned-checkpoint-*`; pass `set_aside_newer=False` to only read a checkpoint.
+        """
         path = Path(path)
         if not is_complete(path):
             raise CheckpointError(f"{path} is not a complete checkpoint (missing or invalid {COMPLETE_FILE} manifest)")
         record = read_checkpoint_record(path)
         self.accelerator.load_state(str(path))
         _logger().info("Resumed from checkpoint %s (step %s)", path, record.get("step"))
-        if self.accelerator.is_main_process:
+        if set_aside_newer and self.accelerator.is_main_process:
             self._set_aside_newer_than(path)
         self.accelerator.wait_for_everyone()
         return record["state"]

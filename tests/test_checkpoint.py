@@ -119,6 +119,9 @@ def test_load_sets_aside_newer(tmp_path, accelerator):
     manager.save(2, {"step": 2}, is_best=True, fingerprint=FINGERPRINT)
     manager.save(3, {"step": 3}, is_best=False, fingerprint=FINGERPRINT)
 
+    manager.load(older, set_aside_newer=False)
+    assert len(manager.list_complete()) == 3
+
     manager.load(older)
 
     assert manager.list_complete() == [older]
@@ -476,7 +479,7 @@ def test_sigkill_during_save(tmp_path, accelerator, forkserver):
     model, _ = _digest_training(accelerator)
     manager = CheckpointManager(tmp_path, accelerator, save_total_limit=2)
     for path in manager.list_complete():
-        state = manager.load(path)
+        state = manager.load(path, set_aside_newer=False)
         assert state["digest"] == _weights_digest(model), path
     assert newest_steps == sorted(newest_steps)
     assert killed_during_write >= 3
