@@ -1,4 +1,4 @@
-"""A forkserver that has imported the engine, so the crash tests start processes in milliseconds.
+"""Process helpers of the crash tests: a forkserver that has imported the engine, and free ports.
 
 Importing torch, transformers and the engine takes seconds per process, and the crash tests start dozens.
 Processes forked from a server that imported them once start at once. Python keeps one forkserver per
@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import socket
 from pathlib import Path
 
 # torch.optim imports torch._dynamo on its first use, and transformers imports model classes lazily.
@@ -36,3 +37,13 @@ def engine_forkserver() -> multiprocessing.context.ForkServerContext:
         else:
             os.environ["PYTHONPATH"] = saved
     return context
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free now, for a multi-process run's rendezvous.
+
+    Accelerate's default port 29500 collides with any other multi-process run on the same machine.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -33,7 +33,7 @@ from finetune.checkpoint import (
     resolve_resume,
 )
 from finetune.config import ConfigError
-from forking import engine_forkserver
+from forking import engine_forkserver, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 FINGERPRINT = {"task": "text-classification", "model": "tiny-bert", "label_names": ["neg", "pos"], "world_size": 1}
@@ -517,7 +517,8 @@ def test_two_process_save(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path / "run"),
+        "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+        "--dynamo_backend", "no", str(script), str(tmp_path / "run"),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]

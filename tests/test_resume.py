@@ -31,7 +31,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from finetune import runlog
 from finetune.checkpoint import checkpoint_step, is_complete, list_complete, read_checkpoint_record
 from finetune.precision import cpu_supports_bf16
-from forking import engine_forkserver
+from forking import engine_forkserver, free_port
 from tiny import NEGATIVE_WORDS, NEUTRAL_WORDS, POSITIVE_WORDS, make_reviews_csv, merge
 
 REPO = Path(__file__).resolve().parents[1]
@@ -451,7 +451,8 @@ def launch(config_path: Path, processes: int) -> subprocess.CompletedProcess:
     else:
         command = [
             sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+            "--dynamo_backend", "no",
             "-m", "finetune.train", str(config_path),
         ]
     return subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env, cwd=REPO)
