@@ -1,7 +1,8 @@
-"""Image data: colour modes, bad files, every source format, the real Fashion-MNIST IDX files and the datasets."""
+"""Image data: colour modes, bad files, the local source formats, the real Fashion-MNIST IDX files, the datasets."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -117,7 +118,7 @@ def test_to_rgb_sixteen_bit(tmp_path):
 
 
 def test_open_image_bytes():
-    buffer = __import__("io").BytesIO()
+    buffer = io.BytesIO()
     Image.new("L", (3, 3), 9).save(buffer, format="PNG")
     image = open_image({"bytes": buffer.getvalue(), "path": None})
     assert image.getpixel((1, 1)) == (9, 9, 9)
@@ -337,7 +338,7 @@ def test_collate_shapes():
     assert batch["labels"].dtype == torch.long
 
 
-def test_train_transform_without_crop_matches_eval_geometry():
+def test_no_crop_train_matches_eval():
     config = image_config("unused", augmentation={"random_resized_crop": False, "horizontal_flip": False})
     processor = small_processor()
     transform = TrainTransform(processor, config.data.augmentation, measure_processor(processor))
