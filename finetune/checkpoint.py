@@ -14,8 +14,8 @@ Layout of `<run_dir>/checkpoints/`:
 - `abandoned-checkpoint-<step>-<nonce>/`: a checkpoint newer than the one a run resumed from, set aside
   (not deleted) because the resumed run replaces the steps it covered.
 
-`COMPLETE` is a JSON manifest of every file in the checkpoint with its size in bytes; `is_complete` checks it,
-which also catches a file truncated after the fact.
+`COMPLETE` is a JSON manifest of every file in the checkpoint with its size in bytes. `is_complete` checks it,
+so it also catches a file truncated after the fact.
 """
 
 from __future__ import annotations
@@ -367,7 +367,7 @@ class CheckpointManager:
         `trainer_state` given to `save`. Call on all processes, after `accelerator.prepare` and registration.
 
         A resumed run replaces the steps after `path`, so by default this run's checkpoints with higher steps
-        are renamed to `abandoned-checkpoint-*`; pass `set_aside_newer=False` to only read a checkpoint.
+        are renamed to `abandoned-checkpoint-*`. Pass `set_aside_newer=False` to only read a checkpoint.
         """
         path = Path(path)
         if not is_complete(path):
