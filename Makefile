@@ -58,7 +58,7 @@ bench: setup
 	$(BIN)/python bench/bench_schedules.py
 
 docs: setup
-	$(BIN)/python -m finetune.config.docs > docs/config.md
+	$(BIN)/python -m finetune.config.docs --output docs/config.md
 
 clean:
 	rm -rf $(VENV) runs test-artifacts
