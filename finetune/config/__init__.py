@@ -151,6 +151,7 @@ def validate_config(raw: dict, source: str | None = None, extra_issues: list[Con
         config = RunConfig.model_validate(raw)
     except ValidationError as error:
         issues += _issues_from_validation(error, raw)
+        issues += _problems_of_valid_sections(raw)
         raise ConfigError(issues, source) from None
     issues += config.problems()
     for name in SECTIONS:
@@ -158,6 +159,20 @@ def validate_config(raw: dict, source: str | None = None, extra_issues: list[Con
     if issues:
         raise ConfigError(issues, source)
     return config
+
+
+def _problems_of_valid_sections(raw: dict) -> list[ConfigIssue]:
+    """Return the consistency problems of the sections that are valid on their own, so that a type error in
+    one section does not hide a contradiction in another until the next attempt."""
+    issues = []
+    for name, section in SECTIONS.items():
+        if not isinstance(raw.get(name), dict):
+            continue
+        try:
+            issues += section.model_validate(raw[name]).problems()
+        except ValidationError:
+            continue  # its field errors are already reported
+    return issues
 
 
 def _normalise_numbers(node: Any, model: type[BaseModel] | None) -> Any:
@@ -192,9 +207,10 @@ def _issues_from_validation(error: ValidationError, raw: dict) -> list[ConfigIss
         elif kind == "missing":
             issues.append(ConfigIssue(key, MISSING, "is required.", f"add `{location[-1]}:` to the config. {_help_for(location)}".strip()))
         else:
+            # Pydantic's message already states what is expected; the option's meaning helps choose a value.
             described = _help_for([part for part in location if not part.isdigit()])
-            fix = f"expected {described[0].lower()}{described[1:]}" if described else ""
-            issues.append(ConfigIssue(key, value, item["msg"].rstrip(".") + ".", fix))
+            meaning = f" ({key}: {described})" if described else ""
+            issues.append(ConfigIssue(key, value, item["msg"].rstrip(".") + "." + meaning))
     return _dedupe(issues)
 
 

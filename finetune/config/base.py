@@ -3,15 +3,34 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are re-checked on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_booleans_as_choices(cls, data: Any) -> Any:
+        # YAML 1.1 reads a bare `no`, `true` or `false` as a boolean; for a choice field that lists the word
+        # (mixed_precision: no, eval_strategy: no, cache_features: true) the user meant the word.
+        if not isinstance(data, dict):
+            return data
+        converted = dict(data)
+        for name, field in cls.model_fields.items():
+            value = converted.get(name)
+            if not isinstance(value, bool):
+                continue
+            choices = _literal_choices(field.annotation)
+            for word in (("true", "yes", "on") if value else ("false", "no", "off")):
+                if word in choices:
+                    converted[name] = word
+                    break
+        return converted
 
     def problems(self) -> list[ConfigIssue]:
         """Return the section's consistency problems (settings that contradict each other)."""
@@ -58,3 +77,9 @@ MISSING = _Missing()
 def _short_repr(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _literal_choices(annotation: Any) -> tuple:
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    return tuple(choice for arg in get_args(annotation) for choice in _literal_choices(arg))

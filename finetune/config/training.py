@@ -31,7 +31,7 @@ class TrainingConfig(Section):
     lr_scheduler_type: Literal["linear", "cosine", "constant"] = Field(
         "linear", description="Learning-rate decay after warm-up: linear or cosine to 0, or constant."
     )
-    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warm-up from 0; overrides warmup_ratio.")
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warm-up from 0; set this or warmup_ratio, not both.")
     warmup_ratio: float = Field(
         0.0, ge=0.0, lt=1.0, description="Warm-up as a share of all optimizer steps, used when warmup_steps is 0."
     )
