@@ -2,29 +2,56 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from .assets import resolve_path
-from .config import RunConfig
+from .config import ConfigError, ConfigIssue, RunConfig
 from .log import get_logger
 
 logger = get_logger(__name__)
 
 
 def load_processor(config: RunConfig) -> Any:
-    """Load the tokenizer (text) or image processor (vision) of `config.model`, without the weights."""
-    if config.task == "image-classification":
-        from .vision import load_image_processor
+    """Load the tokenizer (text) or image processor (vision) of `config.model`, without the weights.
 
-        return load_image_processor(config)
-    return AutoTokenizer.from_pretrained(
-        resolve_path(config.model.name_or_path),
-        revision=config.model.revision,
-        trust_remote_code=config.model.trust_remote_code,
-    )
+    A local folder that does not exist, or a model without a processor for the task, is a `ConfigError`.
+    """
+    check_model_source(config.model.name_or_path)
+    try:
+        if config.task == "image-classification":
+            from .vision import load_image_processor
+
+            return load_image_processor(config)
+        return AutoTokenizer.from_pretrained(
+            resolve_path(config.model.name_or_path),
+            revision=config.model.revision,
+            trust_remote_code=config.model.trust_remote_code,
+        )
+    except OSError as error:
+        kind = "image processor" if config.task == "image-classification" else "tokenizer"
+        raise ConfigError([ConfigIssue(
+            "model.name_or_path", config.model.name_or_path, f"no {kind} could be loaded for {config.task}: {error}",
+            "check that the model suits the task, or set task to match the model.",
+        )]) from None
+
+
+def check_model_source(name_or_path: str) -> None:
+    """Raise `ConfigError` when `name_or_path` is clearly a local folder (a path, not a Hub id) that is missing.
+
+    Hub ids have at most one slash and no leading `.`, `/` or `~`; anything else is treated as a folder.
+    """
+    source = resolve_path(name_or_path)
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or Path(source).exists()
+    if looks_local and not (Path(source).expanduser() / "config.json").is_file():
+        hint = " Run `finetune convert-efficientnet` first." if "efficientnet" in source else ""
+        raise ConfigError([ConfigIssue(
+            "model.name_or_path", name_or_path, f"{source} is not a model folder (no config.json).",
+            f"give a save_pretrained folder or a Hub id.{hint}",
+        )])
 
 
 def model_max_length(config: RunConfig, tokenizer: Any) -> int | None:

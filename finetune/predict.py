@@ -47,19 +47,22 @@ class Predictor:
         top_k = max(1, min(top_k, len(self.label_names)))
         if self.task == "image-classification":
             inputs = [_as_image(item) for item in inputs]
-        results = self.pipeline(list(inputs), top_k=top_k)
+            results = self.pipeline(list(inputs), top_k=top_k)
+        else:
+            # Texts longer than the model's limit are cut to it, as in training, instead of failing.
+            results = self.pipeline(list(inputs), top_k=top_k, truncation=True)
         if inputs and isinstance(results[0], dict):  # one input can come back unnested
             results = [results]
         return [[{"label": r["label"], "score": float(r["score"])} for r in result] for result in results]
 
 
 def _as_image(item: Any):
-    from PIL import Image
+    # The same RGB conversion as training (transparency on white, 16-bit scaled, EXIF rotation applied).
+    from .data.image import open_image, to_rgb
 
     if isinstance(item, (str, Path)):
-        with Image.open(item) as image:
-            return image.convert("RGB")
-    return item.convert("RGB") if hasattr(item, "convert") else item
+        return open_image(item)
+    return to_rgb(item) if hasattr(item, "convert") else item
 
 
 def _read_inputs(args: argparse.Namespace, task: str) -> list[str]:

@@ -159,8 +159,10 @@ class FineTuneRecipe:
 
     def _setup_run_dir(self) -> None:
         self.run_dir = self.config.run_dir
+        self.config_changes: list[str] = []
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.config_changes = _config_changes(self.run_dir / runlog.CONFIG_FILE, self.config)
             save_config(self.config, self.run_dir / runlog.CONFIG_FILE)
             setup_logging(self.run_dir / runlog.LOG_FILE)
         self.accelerator.wait_for_everyone()
@@ -323,6 +325,11 @@ class FineTuneRecipe:
         self.stop_request = StopRequest()
         self.stop_request.install()
         self.resumed_from = resolve_resume(self.config.checkpoint.resume, self.run_dir)
+        if self.resumed_from is None and self.checkpoints.list_complete():
+            self._set_aside_previous_run()
+        if self.resumed_from is not None and self.config_changes:
+            logger.warning("Resuming %s with changed settings: %s. Set checkpoint.resume=never or another "
+                           "output.run_dir to start over instead.", self.run_dir, "; ".join(self.config_changes[:10]))
         if self.resumed_from is not None:
             check_compatible(self.resumed_from, self._fingerprint())
             saved = self.checkpoints.load(self.resumed_from)
@@ -331,6 +338,20 @@ class FineTuneRecipe:
             self.early_stopping.load_state_dict(self.state.early_stopping)
             logger.info("Resumed from %s at step %d (epoch %d, micro-batch %d)", self.resumed_from,
                         self.state.global_step, self.state.epoch + 1, self.state.micro_batches_done)
+
+    def _set_aside_previous_run(self) -> None:
+        """Move an earlier run's checkpoints, metrics and export into `previous-<time>/`, so a fresh start never
+        resumes, exports or prunes another run's checkpoints, and readers see only this run's events."""
+        if self.is_main:
+            target = self.run_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+            target.mkdir()
+            for name in (runlog.CHECKPOINTS_DIR, runlog.METRICS_FILE, runlog.EXPORT_DIR):
+                if (self.run_dir / name).exists():
+                    (self.run_dir / name).rename(target / name)
+            logger.info("Starting afresh in %s; moved the previous run's checkpoints and metrics to %s",
+                        self.run_dir, target)
+        self.accelerator.wait_for_everyone()
+        self.checkpoints = CheckpointManager(self.run_dir, self.accelerator, self.config.checkpoint.save_total_limit)
 
     def _rescale_data_position(self, saved_world_size: int | None) -> None:
         """Convert the per-process micro-batch count of a checkpoint written by another number of processes.
@@ -690,12 +711,28 @@ def _unknown_metric_issue(name: str, metrics: dict):
                        f"use one of: {', '.join(sorted(k for k in metrics if k != 'num_examples'))}.")
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
+def _config_changes(previous_file: Path, config: RunConfig) -> list[str]:
+    """List `key: old -> new` for every setting that differs from the config saved in the run folder."""
+    if not previous_file.is_file():
+        return []
+    import yaml
+
+    try:
+        previous = _flatten(yaml.safe_load(previous_file.read_text(encoding="utf-8")) or {}, scalars_only=False)
+    except yaml.YAMLError:
+        return ["config.yaml: unreadable"]
+    current = _flatten(config.model_dump(mode="json"), scalars_only=False)
+    keys = sorted(set(previous) | set(current))
+    return [f"{key}: {previous.get(key)!r} -> {current.get(key)!r}" for key in keys if previous.get(key) != current.get(key)]
+
+
+def _flatten(data: dict, prefix: str = "", scalars_only: bool = True) -> dict:
+    """Flatten nested sections to dotted keys; trackers take only scalars, a config diff takes every value."""
     flat = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        elif isinstance(value, (int, float, str, bool)):
+            flat.update(_flatten(value, f"{prefix}{key}.", scalars_only))
+        elif not scalars_only or isinstance(value, (int, float, str, bool)):
             flat[f"{prefix}{key}"] = value
     return flat
 

@@ -25,7 +25,7 @@ from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from finetune.config import validate_config  # noqa: E402
 from finetune.stopping import metric_greater_is_better  # noqa: E402
 from finetune.train import FineTuneRecipe, parse_args  # noqa: E402
-from tiny import events_of, make_reviews_csv, make_tiny_bert, run_recipe, tiny_config  # noqa: E402
+from tiny import events_of, make_reviews_csv, make_tiny_bert, merge, run_recipe, tiny_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PEAK_LR = 1e-3
@@ -471,3 +471,34 @@ def test_train_arguments_need_config(capsys):
         parse_args([])
     assert exit_info.value.code == 2
     assert "a config file is required" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Re-using a run folder
+
+
+def test_fresh_start_sets_previous_run_aside(tmp_path, model_dir):
+    config = tiny_config(tmp_path, model={"name_or_path": str(model_dir)})
+    first_code, _ = run_recipe(config)
+    second_code, events = run_recipe(merge(config, {"checkpoint": {"resume": "never"}}))
+    run_dir = Path(config["output"]["run_dir"])
+    previous = sorted(run_dir.glob("previous-*"))
+    assert (first_code, second_code) == (0, 0)
+    assert len(previous) == 1
+    assert list((previous[0] / "checkpoints").glob("checkpoint-*"))
+    assert len(events_of(events, "run_start")) == 1
+    assert events_of(events, "run_start")[0]["resumed_from"] is None
+
+
+def test_resume_warns_about_changed_settings(tmp_path, model_dir, caplog):
+    config = tiny_config(tmp_path, model={"name_or_path": str(model_dir)},
+                         training__num_train_epochs=1, checkpoint={"save_every_epoch": True, "save_steps": None})
+    run_recipe(config)
+    changed = merge(config, {"training": {"num_train_epochs": 2, "learning_rate": 5e-4}})
+    with caplog.at_level("WARNING", logger="finetune"):
+        code, events = run_recipe(changed)
+    warnings = [record.getMessage() for record in caplog.records if "changed settings" in record.getMessage()]
+    assert code == 0
+    assert events_of(events, "run_start")[-1]["resumed_from"] is not None
+    assert len(warnings) == 1
+    assert "training.learning_rate: 0.001 -> 0.0005" in warnings[0]
