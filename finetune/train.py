@@ -143,7 +143,7 @@ class FineTuneRecipe:
     def _setup_accelerator(self) -> None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
             # On hosts without GPUs, Accelerate 1.16 runs each launched process as its own world of size 1
-            # (under both `accelerate launch --multi_gpu` and torchrun) unless it is told to use the CPU.
+            # (under both `accelerate launch --multi_gpu` and torchrun) unless ACCELERATE_USE_CPU is set.
             os.environ.setdefault("ACCELERATE_USE_CPU", "true")
         self.mixed_precision = resolve_mixed_precision(self.training.mixed_precision)
         # The LR scheduler is stepped by hand once per optimizer step; Accelerate would otherwise step it
