@@ -93,10 +93,10 @@ def test_train_stop_resume_try(server, page):
     choose(page, "field-model-name-or-path", "tiny-bert")
     fill_field(page, "field-data-train", str(server.data_root / "reviews.csv"))
     fill_field(page, "field-training-learning-rate", "0.001")
-    fill_field(page, "field-training-num-train-epochs", "6")
+    fill_field(page, "field-training-num-train-epochs", "40")
     fill_field(page, "field-training-per-device-train-batch-size", "4")
     choose(page, "field-training-mixed-precision", "no")
-    expect_text(page, "yaml-editor", r"num_train_epochs: 6")
+    expect_text(page, "yaml-editor", r"num_train_epochs: 40")
     expect_text(page, "yaml-editor", r"tiny-bert")
     expect_text(page, "yaml-editor", r"mixed_precision: 'no'")
     # Keys without a form field are typed into the YAML editor; `training` is its last section.
@@ -111,6 +111,8 @@ def test_train_stop_resume_try(server, page):
     playwright_api.expect(page.locator("#schedule-plot img")).to_be_visible()
     shot(page, "1-train-form")
 
+    # 40 epochs of 8 steps keep the job running long enough to be stopped; a short job could finish
+    # between the progress check and the click on Stop.
     page.locator("#launch").click()
     expect_text(page, "train-status", r"Job \*?\*?1")
     page.get_by_role("tab", name="Jobs").click()
