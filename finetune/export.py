@@ -34,7 +34,7 @@ def export_model(
     output_dir.mkdir(parents=True, exist_ok=True)
     model = _merged(model)
     model.save_pretrained(output_dir, safe_serialization=True)
-    processor.save_pretrained(output_dir)
+    save_processor(processor, output_dir)
     (output_dir / "eval_results.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     (output_dir / "training_config.yaml").write_text(
         yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
@@ -42,6 +42,15 @@ def export_model(
     (output_dir / "README.md").write_text(model_card(model, config, metrics, data_summary, which), encoding="utf-8")
     logger.info("Exported the %s model to %s", which, output_dir)
     return output_dir
+
+
+def save_processor(processor: Any, output_dir: Path) -> None:
+    """Save the tokenizer or image processor; an image processor always gets its `preprocessor_config.json`."""
+    processor.save_pretrained(output_dir)
+    if not (output_dir / "preprocessor_config.json").is_file() and hasattr(processor, "to_json_file"):
+        # transformers (5.x) skips this file for timm-wrapper models and keeps the preprocessing in config.json;
+        # writing it too lets tools that look for the processor file find the normalisation used in training.
+        processor.to_json_file(output_dir / "preprocessor_config.json")
 
 
 def _merged(model: torch.nn.Module) -> torch.nn.Module:

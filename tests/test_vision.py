@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from finetune.config import validate_config
+from finetune.export import save_processor
 from finetune.data.image import measure_processor, prepare_image_data, run_processor
 from finetune.vision import load_image_model, load_image_processor
 
@@ -161,8 +162,9 @@ def test_pipeline_matches_evaluation(tmp_path, save):
     model, _ = load_image_model(config, prepared.label_names)
     model.eval()
     model.save_pretrained(tmp_path / "export")
-    processor.save_pretrained(tmp_path / "export")
+    save_processor(processor, tmp_path / "export")
 
+    assert (tmp_path / "export" / "preprocessor_config.json").is_file()
     classifier = pipeline("image-classification", model=str(tmp_path / "export"))
     image = prepared.raw_validation[0]["image"]
     expected_pixels = prepared.validation[0]["pixel_values"]
