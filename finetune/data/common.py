@@ -392,3 +392,28 @@ def limit_rows(dataset: datasets.Dataset, n: int | None, seed: int) -> datasets.
         return dataset
     chosen = np.sort(np.random.default_rng(seed).permutation(dataset.num_rows)[:n])
     return dataset.select(chosen)
+
+
+def carve_missing_splits(splits: datasets.DatasetDict, config: RunConfig) -> tuple[datasets.DatasetDict, list[str]]:
+    """Carve validation and test splits that the data does not provide out of train; return the carved names."""
+    data = config.data
+    validation_size = data.validation_size if "validation" not in splits else 0
+    test_size = data.test_size if "test" not in splits else 0
+    if not validation_size and not test_size:
+        return splits, []
+    carved = carve_splits(splits["train"], validation_size, test_size, data.stratify, data.split_seed, LABELS)
+    result = dict(splits)
+    result.update(carved)
+    names = [split for split in ("validation", "test") if split in carved]
+    logger.info("Carved %s from the training data (seed %d)", " and ".join(names), data.split_seed)
+    return datasets.DatasetDict(result), names
+
+
+def limit_splits(splits: datasets.DatasetDict, config: RunConfig) -> datasets.DatasetDict:
+    """Apply data.max_train_samples to train and data.max_eval_samples to the other splits (seeded samples)."""
+    data = config.data
+    limited = {}
+    for split, dataset in splits.items():
+        cap = data.max_train_samples if split == "train" else data.max_eval_samples
+        limited[split] = limit_rows(dataset, cap, data.split_seed)
+    return datasets.DatasetDict(limited)

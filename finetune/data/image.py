@@ -34,11 +34,11 @@ from . import PreparedData
 from .common import (
     LABELS,
     DataError,
-    carve_splits,
+    carve_missing_splits,
     class_counts,
     detect_format,
     encode_labels,
-    limit_rows,
+    limit_splits,
 )
 from .idx import load_idx_folder
 
@@ -175,9 +175,9 @@ def _read_source(value: str, split: str, config: RunConfig) -> dict[str, dataset
         if label_column != "label":
             found = datasets.DatasetDict({name: data.rename_column("label", label_column) for name, data in found.items()})
         return {name: data.cast_column(IMAGE, datasets.Image(decode=False)) for name, data in found.items()}
-    from .common import _load_split  # the shared reader of CSV, JSON, Parquet, save_to_disk and Hub data
+    from .common import load_split  # the shared reader of CSV, JSON, Parquet, save_to_disk and Hub data
 
-    table = _load_split(value, split, fmt, config.data.hub_config_name)
+    table = load_split(value, split, fmt, config.data.hub_config_name)
     base = Path(path).parent if fmt in ("csv", "json", "parquet") else Path(path)
     return {split: _image_column(table, config.data.image_column, base, value)}
 
@@ -499,8 +499,8 @@ def prepare_image_data(config: RunConfig, processor: Any) -> PreparedData:
     summary: dict[str, Any] = {"rows_read": _row_counts(splits), "dropped": {}}
     splits, label_names = encode_labels(splits, data.label_column, data.keep_labels)
     summary["dropped"]["label_not_kept"] = {split: summary["rows_read"][split] - splits[split].num_rows for split in splits}
-    splits, summary["carved"] = _carve_missing(splits, config)
-    splits = _limit_splits(splits, config)
+    splits, summary["carved"] = carve_missing_splits(splits, config)
+    splits = limit_splits(splits, config)
     checked, summary["bad_images"] = drop_bad_images(splits, data.bad_image_policy, _scan_workers(config))
     summary["dropped"]["bad_image"] = {split: splits[split].num_rows - checked[split].num_rows for split in splits}
     summary["rows"] = _row_counts(checked)
@@ -543,26 +543,3 @@ def _describe_geometry(geometry: ProcessorGeometry, augmentation: AugmentationCo
 
 def _row_counts(splits: datasets.DatasetDict) -> dict[str, int]:
     return {split: dataset.num_rows for split, dataset in splits.items()}
-
-
-def _carve_missing(splits: datasets.DatasetDict, config: RunConfig) -> tuple[datasets.DatasetDict, list[str]]:
-    data = config.data
-    validation_size = data.validation_size if "validation" not in splits else 0
-    test_size = data.test_size if "test" not in splits else 0
-    if not validation_size and not test_size:
-        return splits, []
-    carved = carve_splits(splits["train"], validation_size, test_size, data.stratify, data.split_seed, LABELS)
-    result = dict(splits)
-    result.update(carved)
-    names = [split for split in ("validation", "test") if split in carved]
-    logger.info("Carved %s from the training images (seed %d)", " and ".join(names), data.split_seed)
-    return datasets.DatasetDict(result), names
-
-
-def _limit_splits(splits: datasets.DatasetDict, config: RunConfig) -> datasets.DatasetDict:
-    data = config.data
-    limited = {}
-    for split, dataset in splits.items():
-        cap = data.max_train_samples if split == "train" else data.max_eval_samples
-        limited[split] = limit_rows(dataset, cap, data.split_seed)
-    return datasets.DatasetDict(limited)

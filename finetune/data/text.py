@@ -24,13 +24,13 @@ from . import PreparedData
 from .common import (
     LABELS,
     DataError,
-    carve_splits,
+    carve_missing_splits,
     check_columns,
     class_counts,
     column_values,
     deduplicate,
     encode_labels,
-    limit_rows,
+    limit_splits,
     load_raw_splits,
 )
 
@@ -120,8 +120,8 @@ def preflight_text(
     summary["train_rows_also_in_eval"] = 0
     if data.deduplicate:
         splits, summary["duplicates_removed"], summary["train_rows_also_in_eval"] = _deduplicate_splits(splits, text_columns)
-    splits, summary["carved"] = _carve_missing(splits, config)
-    splits = _limit_splits(splits, config)
+    splits, summary["carved"] = carve_missing_splits(splits, config)
+    splits = limit_splits(splits, config)
     summary["rows"] = _row_counts(splits)
     summary["class_counts"] = {split: class_counts(dataset, label_names) for split, dataset in splits.items()}
     logger.info("Data ready: %s rows, classes %s", summary["rows"], ", ".join(label_names))
@@ -200,29 +200,6 @@ def _deduplicate_splits(
 
 def _row_keys(dataset: datasets.Dataset, columns: list[str]) -> list[tuple]:
     return list(zip(*(column_values(dataset, column) for column in columns)))
-
-
-def _carve_missing(splits: datasets.DatasetDict, config: RunConfig) -> tuple[datasets.DatasetDict, list[str]]:
-    data = config.data
-    validation_size = data.validation_size if "validation" not in splits else 0
-    test_size = data.test_size if "test" not in splits else 0
-    if not validation_size and not test_size:
-        return splits, []
-    carved = carve_splits(splits["train"], validation_size, test_size, data.stratify, data.split_seed, LABELS)
-    result = dict(splits)
-    result.update(carved)
-    names = [split for split in ("validation", "test") if split in carved]
-    logger.info("Carved %s from the training data (seed %d)", " and ".join(names), data.split_seed)
-    return datasets.DatasetDict(result), names
-
-
-def _limit_splits(splits: datasets.DatasetDict, config: RunConfig) -> datasets.DatasetDict:
-    data = config.data
-    limited = {}
-    for split, dataset in splits.items():
-        cap = data.max_train_samples if split == "train" else data.max_eval_samples
-        limited[split] = limit_rows(dataset, cap, data.split_seed)
-    return datasets.DatasetDict(limited)
 
 
 # ---------------------------------------------------------------------------------------------------------------
