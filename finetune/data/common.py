@@ -140,10 +140,6 @@ def load_split(value: str, split: str, fmt: str, hub_config_name: str | None) ->
     raise DataError(f"data.format {fmt!r} cannot read {value!r}. Fix: use csv, json, parquet, disk or hub for text data.")
 
 
-# The image path imports the reader under this earlier, private name.
-_load_split = load_split
-
-
 def _load_hub_split(name: str, hub_config_name: str | None, split: str) -> datasets.Dataset:
     # NOTE: the download itself is never exercised by the tests, which run with HF_HUB_OFFLINE=1.
     try:
