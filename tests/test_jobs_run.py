@@ -18,6 +18,9 @@ from finetune.jobs import JobStatus, Scheduler, Workspace
 
 POLL_SECONDS = 0.5
 JOB_TIMEOUT_SECONDS = 240.0
+# 240 optimizer steps of the tiny model: long enough that a job is still running when a test stops or kills
+# it after its first event, short enough (seconds) to finish after a resume.
+LONG_JOB = ("training.num_train_epochs=60", "checkpoint.save_steps=20")
 
 TINY_CONFIG = """\
 task: text-classification
@@ -139,7 +142,7 @@ def test_queue_runs_in_order(tmp_path, project, offline):
 @pytest.mark.timeout(600)
 def test_stop_then_resume_completes(tmp_path, project, offline):
     workspace = Workspace(tmp_path / "ws")
-    job = submit(workspace, project, "training.num_train_epochs=3")
+    job = submit(workspace, project, *LONG_JOB)
     scheduler = Scheduler(workspace, max_cpu_jobs=1)
     wait_for(scheduler, workspace, job.id, has_event("train"))
     assert workspace.stop(job.id).status == JobStatus.STOPPING
@@ -157,7 +160,7 @@ def test_stop_then_resume_completes(tmp_path, project, offline):
 @pytest.mark.timeout(600)
 def test_restarted_scheduler_reattaches(tmp_path, project, offline):
     workspace = Workspace(tmp_path / "ws")
-    job = submit(workspace, project, "training.num_train_epochs=2")
+    job = submit(workspace, project, *LONG_JOB)
     worker = subprocess.Popen(
         [sys.executable, "-m", "finetune.cli", "worker", "--workspace", str(workspace.path), "--poll-seconds", "0.5"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -178,7 +181,7 @@ def test_restarted_scheduler_reattaches(tmp_path, project, offline):
 @pytest.mark.timeout(600)
 def test_killed_job_fails_then_resumes(tmp_path, project, offline):
     workspace = Workspace(tmp_path / "ws")
-    job = submit(workspace, project, "training.num_train_epochs=2")
+    job = submit(workspace, project, *LONG_JOB)
     running = wait_for(Scheduler(workspace, max_cpu_jobs=1), workspace, job.id, has_event("checkpoint"))
     # The scheduler above is gone (no more ticks); now the job dies without a chance to record anything.
     kill_job_processes(running)
