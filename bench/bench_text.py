@@ -100,7 +100,7 @@ def load_minilm():
 
 
 def run_plain(args) -> dict:
-    """A hand-written Accelerate loop: fixed-length padding, AdamW, linear decay, clipping."""
+    """Measure a hand-written Accelerate loop: fixed-length padding, AdamW, linear decay, clipping."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed

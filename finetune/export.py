@@ -27,7 +27,7 @@ def export_model(
 ) -> Path:
     """Write `model` and `processor` with `save_pretrained`, plus `README.md` and `eval_results.json`.
 
-    `metrics` maps a split name to its metrics; `which` says whether these are the best or the final weights.
+    `metrics` maps a split name to its metrics; `which` is "best" or "final": the weights being exported.
     The folder loads with `from_pretrained` and `pipeline()` and reports the run's own class names.
     """
     output_dir = Path(output_dir)
@@ -48,8 +48,8 @@ def save_processor(processor: Any, output_dir: Path) -> None:
     """Save the tokenizer or image processor; an image processor always gets its `preprocessor_config.json`."""
     processor.save_pretrained(output_dir)
     if not (output_dir / "preprocessor_config.json").is_file() and hasattr(processor, "to_json_file"):
-        # transformers (5.x) skips this file for timm-wrapper models and keeps the preprocessing in config.json;
-        # writing it too lets tools that look for the processor file find the normalisation used in training.
+        # transformers (5.x) skips this file for timm-wrapper models and keeps the preprocessing in config.json.
+        # Writing it too lets tools that look for the processor file find the normalisation used in training.
         processor.to_json_file(output_dir / "preprocessor_config.json")
 
 

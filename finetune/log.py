@@ -12,8 +12,10 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class RankAwareLogger(logging.LoggerAdapter):
-    """Logs on the main process only, once Accelerate knows the process layout; pass `main_process_only=False`
-    to log on every process. Before Accelerate is initialised (config checks, the CLI) every call logs."""
+    """Logger adapter that logs on the main process only, once the Accelerate state is initialised.
+
+    Pass `main_process_only=False` to log on every process. Before that state exists (config checks, the CLI),
+    every call logs."""
 
     def log(self, level, msg, *args, main_process_only: bool = True, **kwargs):
         from accelerate.state import PartialState

@@ -13,7 +13,7 @@ _BF16_CPU_FLAGS = {"amx_bf16", "avx512_bf16"}
 
 
 def cpu_supports_bf16() -> bool:
-    """Whether this CPU has native bf16 matrix instructions (AMX-BF16 or AVX512-BF16), per /proc/cpuinfo."""
+    """Return whether this CPU has native bf16 matrix instructions (AMX-BF16 or AVX512-BF16), per /proc/cpuinfo."""
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.is_file():
         return False

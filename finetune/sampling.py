@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-# Length-aware batching sorts by length inside windows of this many batches, so batches hold texts of similar
+# Length-aware batching sorts by length inside windows of this many batches, so batches contain texts of similar
 # length (less padding) while the order across windows stays random.
 LENGTH_WINDOW_BATCHES = 50
 
@@ -20,7 +20,7 @@ class EpochBatchSampler(Sampler[list[int]]):
     """Yields lists of example indices for one epoch; call `set_epoch` before each epoch.
 
     With `lengths`, examples are shuffled, cut into windows of `LENGTH_WINDOW_BATCHES` batches, sorted by
-    length inside each window and batched; the batch order is then shuffled again. Without `lengths` it is a
+    length inside each window and batched. The batch order is then shuffled again. Without `lengths` it is a
     plain seeded shuffle. The last batch may be smaller (never dropped), so every example is seen each epoch.
     """
 

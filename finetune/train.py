@@ -270,7 +270,7 @@ class FineTuneRecipe:
         self.model, self.optimizer, self.lr_scheduler, self.train_loader, self.validation_loader = prepared[:5]
         if self.test_loader is not None:
             self.test_loader = prepared[5]
-        # After prepare, because sharding sets the real number of batches each process sees.
+        # After prepare, because sharding sets the real number of batches given to each process.
         if len(self.train_loader) != self.micro_batches_per_epoch:
             raise RuntimeError(
                 f"expected {self.micro_batches_per_epoch} batches per process, the prepared loader has "
@@ -537,9 +537,9 @@ class FineTuneRecipe:
             raise ConfigError([_unknown_metric_issue(self.metric_name, metrics)])
         improved = self.early_stopping.update(metrics[self.metric_name], self.state.global_step)
         self.state.early_stopping = self.early_stopping.state_dict()
-        shown = {name: metrics[name] for name in ("loss", "accuracy", self.metric_name)}
+        logged_metrics = {name: metrics[name] for name in ("loss", "accuracy", self.metric_name)}
         logger.info("Step %d (epoch %d): validation %s%s", self.state.global_step, self.state.epoch,
-                    ", ".join(f"{name} {value:.4f}" for name, value in shown.items()),
+                    ", ".join(f"{name} {value:.4f}" for name, value in logged_metrics.items()),
                     " (best so far)" if improved else "")
         return improved
 

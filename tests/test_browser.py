@@ -111,7 +111,7 @@ def test_train_stop_resume_try(server, page):
     playwright_api.expect(page.locator("#schedule-plot img")).to_be_visible()
     shot(page, "1-train-form")
 
-    # 40 epochs of 8 steps keep the job running long enough to be stopped; a short job could finish
+    # 40 epochs of 8 steps keep the job running long enough to be stopped. A short job could finish
     # between the progress check and the click on Stop.
     page.locator("#launch").click()
     expect_text(page, "train-status", r"Job \*?\*?1")

@@ -16,8 +16,8 @@ class Section(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _yaml_booleans_as_choices(cls, data: Any) -> Any:
-        # YAML 1.1 reads a bare `no`, `true` or `false` as a boolean; for a choice field that lists the word
-        # (mixed_precision: no, eval_strategy: no, cache_features: true) the user meant the word.
+        # YAML 1.1 reads a bare `no`, `true` or `false` as a boolean. For a choice field that lists the word
+        # (mixed_precision: no, eval_strategy: no, cache_features: true), the user meant the word.
         if not isinstance(data, dict):
             return data
         converted = dict(data)
