@@ -510,6 +510,16 @@ TWO_PROCESS_SAVER = textwrap.dedent(
 )
 
 
+def json_objects(text: str) -> list[dict]:
+    """Parse every JSON object in `text`; two ranks writing to one pipe can put their lines side by side."""
+    decoder, objects, position = json.JSONDecoder(), [], text.find("{")
+    while position != -1:
+        item, end = decoder.raw_decode(text, position)
+        objects.append(item)
+        position = text.find("{", end)
+    return objects
+
+
 @pytest.mark.slow
 def test_two_process_save(tmp_path):
     script = tmp_path / "saver.py"
@@ -522,9 +532,7 @@ def test_two_process_save(tmp_path):
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
-    reports = sorted(
-        (json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")), key=lambda item: item["rank"]
-    )
+    reports = sorted(json_objects(result.stdout), key=lambda item: item["rank"])
     checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-2"
     assert [item["rank"] for item in reports] == [0, 1]
     assert {item["path"] for item in reports} == {str(checkpoint)}
