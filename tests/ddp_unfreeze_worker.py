@@ -63,6 +63,16 @@ def train_step(model, controller, optimizer, scheduler, batch, step, backward, a
 
 def main(out_path: str, rewrap: bool) -> None:
     accelerator = Accelerator(cpu=True)
+    try:
+        run(accelerator, out_path, rewrap)
+    finally:
+        # Both ranks wait here while rank 0 trains the reference. A rank that exits with the gloo group still
+        # open can abort in the group's destructor ("terminate called without an active exception").
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+
+
+def run(accelerator: Accelerator, out_path: str, rewrap: bool) -> None:
     rank, world = accelerator.process_index, accelerator.num_processes
     model, controller, optimizer, scheduler = build()
     start = {name: p.detach().clone() for name, p in model.named_parameters()}
