@@ -378,6 +378,22 @@ def test_saved_dataset_dict_missing_split(tmp_path):
         preflight_text(make_config(train=folder, test=folder))
 
 
+def test_unbalanced_quote_csv_rejected(tmp_path):
+    path = tmp_path / "broken.csv"
+    path.write_text('text,label\n"never closed,x\nfine,y\n')
+    with pytest.raises(DataError) as error:
+        preflight_text(make_config(train=str(path)))
+    assert f"could not read {str(path)!r} as csv" in str(error.value)
+    assert "ParserError" in str(error.value)
+
+
+def test_invalid_json_lines_rejected(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": \n')
+    with pytest.raises(DataError, match="as json"):
+        preflight_text(make_config(train=str(path)))
+
+
 def test_detect_format_hub_name():
     assert detect_format("rotten_tomatoes") == "hub"
     assert detect_format("cornell-movie-review-data/rotten_tomatoes") == "hub"

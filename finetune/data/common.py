@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
+from datasets.exceptions import DatasetGenerationError
 
 from ..assets import resolve_path
 from ..log import get_logger
@@ -132,12 +133,24 @@ def load_split(value: str, split: str, fmt: str, hub_config_name: str | None) ->
         builder, kwargs = _builder_for_suffix(source) or (_FORMAT_BUILDERS[fmt], {})
         if builder != _FORMAT_BUILDERS[fmt]:
             builder, kwargs = _FORMAT_BUILDERS[fmt], {}
-        return datasets.load_dataset(builder, data_files={"train": source}, split="train", **kwargs)
+        return _load_file(builder, source, kwargs)
     if fmt == "disk":
         return _pick_split(datasets.load_from_disk(source), chosen_split or split, source)
     if fmt == "hub":
         return _load_hub_split(source, hub_config_name, chosen_split or split)
     raise DataError(f"data.format {fmt!r} cannot read {value!r}. Fix: use csv, json, parquet, disk or hub for text data.")
+
+
+def _load_file(builder: str, source: str, kwargs: dict) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(builder, data_files={"train": source}, split="train", **kwargs)
+    except DatasetGenerationError as error:
+        # datasets wraps the parser's error (pandas, pyarrow) in a generic message, so name the root cause.
+        cause = error.__cause__ or error
+        raise DataError(
+            f"could not read {source!r} as {builder}: {type(cause).__name__}: {cause}. Fix: repair the file "
+            "(unbalanced quotes, wrong column count, invalid JSON lines), or set data.format if the suffix is wrong."
+        ) from error
 
 
 def _load_hub_split(name: str, hub_config_name: str | None, split: str) -> datasets.Dataset:
