@@ -353,7 +353,9 @@ def format_groups_table(groups: list[LayerGroup]) -> str:
 def inspect_main(argv: list[str]) -> int:
     """Run `finetune inspect MODEL`: load the model with a fresh head and print its layer groups as a table."""
     parser = argparse.ArgumentParser(prog="finetune inspect", description="Show a model's layer groups.")
-    parser.add_argument("model", help="Hub model id, local model folder, or timm model as timm/NAME.")
+    parser.add_argument(
+        "model", help="Hub model id, local model folder, timm model as timm/NAME, or a bundled model (asset:minilm)."
+    )
     parser.add_argument(
         "--task", choices=("text-classification", "image-classification"), default=None,
         help="Head to attach; default: guessed from the model's config (vision configs get image-classification).",
@@ -362,8 +364,15 @@ def inspect_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.num_labels < 1:
         parser.error(f"--num-labels must be at least 1, got {args.num_labels}.")
+    from .assets import AssetNotFoundError, resolve_path
+
     try:
-        model = _load_for_inspection(args.model, args.task, args.num_labels)
+        source = resolve_path(args.model)
+    except AssetNotFoundError as error:
+        print(f"finetune inspect: {error}", file=sys.stderr)
+        return 1
+    try:
+        model = _load_for_inspection(source, args.task, args.num_labels)
     except (OSError, ValueError, RuntimeError) as error:
         print(
             f"finetune inspect: cannot load {args.model!r}: {error}\nFix: give a local model folder, "

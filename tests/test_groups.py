@@ -179,3 +179,17 @@ def test_inspect_prints_groups(tmp_path, capsys):
 def test_inspect_missing_model_fails(tmp_path, capsys):
     assert inspect_main([str(tmp_path / "missing")]) == 1
     assert "cannot load" in capsys.readouterr().err
+
+
+def test_inspect_bundled_minilm(capsys):
+    assert inspect_main(["asset:minilm"]) == 0
+    output = capsys.readouterr().out
+    assert "encoder.layer.5" in output
+    assert "total: 22,713,986 parameters in 9 groups" in output
+
+
+def test_inspect_unknown_asset_names_choices(capsys):
+    assert inspect_main(["asset:nope"]) == 1
+    error = capsys.readouterr().err
+    assert "unknown asset 'asset:nope'" in error
+    assert "asset:minilm" in error
