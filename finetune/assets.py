@@ -75,6 +75,22 @@ ASSETS: dict[str, Callable[[], Path]] = {
 }
 
 
+# Hub ids of the models that bundled assets copy, for the `base_model` field of model cards.
+UPSTREAM_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def hub_base_model(value: str) -> str | None:
+    """Return the Hub id a model card can name as `base_model`, or None for a local folder or file.
+
+    `asset:minilm` gives its upstream id; a Hub id is returned unchanged.
+    """
+    if value.startswith(ASSET_PREFIX):
+        return UPSTREAM_HUB_IDS.get(value[len(ASSET_PREFIX):].strip())
+    if Path(value).expanduser().exists() or value.startswith(("/", "./", "../", "~")):
+        return None
+    return value
+
+
 def resolve_path(value: str) -> str:
     """Turn `asset:NAME` into the asset's local path; return plain paths and Hub names unchanged.
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import yaml
 
+from .assets import hub_base_model
 from .config import RunConfig
 from .log import get_logger
 
@@ -63,12 +64,12 @@ def _merged(model: torch.nn.Module) -> torch.nn.Module:
 def model_card(model: torch.nn.Module, config: RunConfig, metrics: dict, data_summary: dict, which: str) -> str:
     """Render a Hugging Face model card: YAML metadata, then base model, data, metrics and config."""
     labels = [model.config.id2label[index] for index in sorted(model.config.id2label)]
-    metadata = {
-        "library_name": "transformers",
-        "pipeline_tag": config.task,
-        "base_model": config.model.name_or_path,
-        "tags": ["finetune", config.task],
-    }
+    metadata = {"library_name": "transformers", "pipeline_tag": config.task}
+    # The Hub reads base_model as a model id, so a local folder is named only in the text below.
+    base_model = hub_base_model(config.model.name_or_path)
+    if base_model is not None:
+        metadata["base_model"] = base_model
+    metadata["tags"] = ["finetune", config.task]
     lines = ["---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", ""]
     lines += [f"# {config.name or 'finetune run'}", ""]
     lines += [

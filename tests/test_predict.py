@@ -18,6 +18,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from transformers import pipeline  # noqa: E402
 
+from finetune.assets import hub_base_model  # noqa: E402
 from finetune.predict import Predictor  # noqa: E402
 from finetune.predict import main as predict_main  # noqa: E402
 from tiny import LABELS, events_of, run_recipe, tiny_config  # noqa: E402
@@ -81,12 +82,27 @@ def test_export_model_card(trained):
     card = (trained["export"] / "README.md").read_text()
     metadata = yaml.safe_load(card.split("---")[1])
     results = json.loads((trained["export"] / "eval_results.json").read_text())
-    assert metadata["base_model"] == trained["config"]["model"]["name_or_path"]
+    assert "base_model" not in metadata  # a local folder is not a Hub id
+    assert trained["config"]["model"]["name_or_path"] in card
     assert metadata["pipeline_tag"] == "text-classification"
     assert f"`{LABELS[0]}`, `{LABELS[1]}`" in card
     assert "## Metrics" in card
     assert f"| validation | {results['validation']['loss']:.4f} | {results['validation']['accuracy']:.4f} |" in card
     assert trained["config"]["data"]["train"] in card
+
+
+@pytest.mark.parametrize(
+    ("name_or_path", "expected"),
+    [
+        ("asset:minilm", "sentence-transformers/all-MiniLM-L6-v2"),
+        ("google/vit-base-patch16-224", "google/vit-base-patch16-224"),
+        ("timm/resnet18.a1_in1k", "timm/resnet18.a1_in1k"),
+        ("./runs/assets/efficientnet_lite0", None),
+        ("asset:efficientnet_lite0", None),
+    ],
+)
+def test_card_base_model_is_hub_id(name_or_path, expected):
+    assert hub_base_model(name_or_path) == expected
 
 
 # ---------------------------------------------------------------------------------------------------------------
