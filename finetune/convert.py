@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -135,7 +136,7 @@ def convert_efficientnet_lite0(checkpoint_path: str | os.PathLike, output_dir: s
     checkpoint_path, output_dir = Path(checkpoint_path), Path(output_dir)
     if not checkpoint_path.is_file():
         raise ConversionError(f"checkpoint {str(checkpoint_path)!r} not found; pass the path of a .pth state dict.")
-    state_dict = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    state_dict = _load_state_dict(checkpoint_path)
     timm_model = timm.create_model(ARCHITECTURE, pretrained=False, num_classes=1000)
     positions = [(stage, index) for stage, blocks in enumerate(timm_model.blocks) for index in range(len(blocks))]
     load_strict(timm_model, rename_keys(state_dict, positions))
@@ -155,6 +156,26 @@ def convert_efficientnet_lite0(checkpoint_path: str | os.PathLike, output_dir: s
     wrapper.save_pretrained(output_dir, safe_serialization=True)
     logger.info("Wrote the converted model to %s", output_dir)
     return output_dir
+
+
+def _load_state_dict(checkpoint_path: Path) -> dict[str, torch.Tensor]:
+    expected = "an EfficientNet-PyTorch Lite0 state dict such as efficientnet-lite0-57934424.pth"
+    try:
+        state_dict = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError) as error:
+        # torch.load reports a file that is not a checkpoint with whichever unpickling step failed first.
+        raise ConversionError(
+            f"cannot read {str(checkpoint_path)!r} as a PyTorch checkpoint ({type(error).__name__}: {error}); "
+            f"pass {expected}."
+        ) from error
+    if not isinstance(state_dict, dict) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
+        raise ConversionError(f"{str(checkpoint_path)!r} contains a {type(state_dict).__name__}, not a state dict; pass {expected}.")
+    if not any(key.startswith("_conv_stem") for key in state_dict):
+        raise ConversionError(
+            f"{str(checkpoint_path)!r} has no '_conv_stem' weights, so it is not an EfficientNet-PyTorch checkpoint "
+            f"(its first keys: {_first_keys(list(state_dict), limit=4)}); pass {expected}."
+        )
+    return state_dict
 
 
 def _pretrained_cfg(timm_model: torch.nn.Module) -> dict:

@@ -109,3 +109,21 @@ def test_converted_predictions(converted):
 
 def test_cli_missing_checkpoint(tmp_path):
     assert main(["--checkpoint", str(tmp_path / "absent.pth"), "--output-dir", str(tmp_path / "out")]) == 1
+
+
+def test_text_file_rejected(tmp_path):
+    (tmp_path / "notes.pth").write_text("not a checkpoint\n")
+    with pytest.raises(ConversionError, match="cannot read .* as a PyTorch checkpoint"):
+        convert_efficientnet_lite0(tmp_path / "notes.pth", tmp_path / "out")
+
+
+def test_other_state_dict_rejected(tmp_path):
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
+    with pytest.raises(ConversionError, match="no '_conv_stem' weights"):
+        convert_efficientnet_lite0(tmp_path / "other.pth", tmp_path / "out")
+
+
+def test_non_dict_checkpoint_rejected(tmp_path):
+    torch.save([torch.zeros(2)], tmp_path / "list.pth")
+    with pytest.raises(ConversionError, match="contains a list, not a state dict"):
+        convert_efficientnet_lite0(tmp_path / "list.pth", tmp_path / "out")
