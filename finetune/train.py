@@ -538,7 +538,7 @@ class FineTuneRecipe:
         improved = self.early_stopping.update(metrics[self.metric_name], self.state.global_step)
         self.state.early_stopping = self.early_stopping.state_dict()
         logged_metrics = {name: metrics[name] for name in ("loss", "accuracy", self.metric_name)}
-        logger.info("Step %d (epoch %d): validation %s%s", self.state.global_step, self.state.epoch,
+        logger.info("Step %d (epoch %.2f): validation %s%s", self.state.global_step, self._epochs_done(),
                     ", ".join(f"{name} {value:.4f}" for name, value in logged_metrics.items()),
                     " (best so far)" if improved else "")
         return improved
@@ -664,10 +664,12 @@ class FineTuneRecipe:
                     ", ".join(change["trainable_groups"]) or "no group", rates)
         self._write_event("stage", **change)
 
-    def _write_event(self, event: str, **fields) -> None:
+    def _epochs_done(self) -> float:
         # Setup may fail before the epoch length is known; the run_end event is still written then.
-        epoch = self.state.epoch + self.state.micro_batches_done / max(1, getattr(self, "micro_batches_per_epoch", 1))
-        self.run_log.write(event, self.state.global_step, epoch, **fields)
+        return self.state.epoch + self.state.micro_batches_done / max(1, getattr(self, "micro_batches_per_epoch", 1))
+
+    def _write_event(self, event: str, **fields) -> None:
+        self.run_log.write(event, self.state.global_step, self._epochs_done(), **fields)
 
     def _write_run_end(self) -> None:
         run_log = getattr(self, "run_log", None)
