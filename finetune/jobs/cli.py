@@ -161,7 +161,9 @@ def _show(workspace: Workspace, args: argparse.Namespace) -> int:
     width = max(len(label) for label, _ in fields)
     for label, value in fields:
         print(f"{label:<{width}}  {value}")
-    print("\nconfig:\n" + job.config.rstrip())
+    # The scheduler passes output.run_dir=<run folder> to every attempt, so a run_dir in the config is not used.
+    print("\nconfig (as submitted; the job writes to the run folder above, whatever output.run_dir says):")
+    print(job.config.rstrip())
     return 0
 
 
