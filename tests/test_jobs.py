@@ -390,6 +390,16 @@ def test_cli_submit_list_show_cancel(workspace, tmp_path, capsys):
     assert workspace.get(1).status == JobStatus.CANCELLED
 
 
+def test_cli_clone_sets_gpus(workspace, capsys):
+    source = workspace.submit(CONFIG, name="big", gpus=2)
+    ws = ["--workspace", str(workspace.path)]
+    assert cli.main(["jobs", "clone", str(source.id), "--gpus", "0", *ws]) == 0
+    clone = workspace.get(2)
+    assert clone.requested_gpus == 0
+    assert clone.num_processes == 1
+    assert source.num_processes == 2
+
+
 def test_cli_errors_exit_codes(workspace, tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text(CONFIG.replace("text-classification", "audio"))

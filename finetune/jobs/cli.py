@@ -101,6 +101,10 @@ def _jobs_parser() -> argparse.ArgumentParser:
     clone = add("clone", _clone, "Queue a copy of a job's config with overrides.")
     clone.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Dotted overrides for the copy.")
     clone.add_argument("--name", default=None, help="Name of the new job (default: the source's name plus -clone).")
+    # The source's devices may not exist on this host (a job placed nowhere says to clone it with fewer GPUs).
+    clone.add_argument("--num-processes", type=int, default=None, help="Training processes (default: the source's).")
+    clone.add_argument("--gpus", type=int, default=None, help="GPUs to use, one process each; 0 runs on the CPU (default: the source's).")
+    clone.add_argument("--accelerate-config", default=None, help="Name of a file in configs/accelerate or a path (default: the source's).")
     add("delete", _delete, "Delete a job that is not running, with its run folder.")
     return parser
 
@@ -218,7 +222,15 @@ def _cancel(workspace: Workspace, args: argparse.Namespace) -> int:
 
 
 def _clone(workspace: Workspace, args: argparse.Namespace) -> int:
-    job = workspace.clone(args.job_id, args.overrides, name=args.name)
+    devices = {
+        key: value for key, value in (
+            ("num_processes", args.num_processes), ("gpus", args.gpus), ("accelerate_config", args.accelerate_config),
+        ) if value is not None
+    }
+    if "gpus" in devices and "num_processes" not in devices:
+        # A new GPU count without a process count would keep the source's processes and fail the match check.
+        devices["num_processes"] = None
+    job = workspace.clone(args.job_id, args.overrides, name=args.name, **devices)
     print(f"queued job {job.id} ({job.name}), a clone of job {args.job_id}; run folder {job.run_dir}")
     return 0
 

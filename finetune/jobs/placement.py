@@ -81,7 +81,8 @@ def place(
         return Placement((CPU,), num_processes)
     if needed > len(gpus):
         raise PlacementError(
-            f"the job requests {needed} GPU(s) but this host has {len(gpus)}; clone it with fewer GPUs, or gpus=0 for CPU."
+            f"the job requests {needed} GPU(s) but this host has {len(gpus)}; clone it with fewer GPUs "
+            "(`finetune jobs clone ID --gpus N`), or with --gpus 0 to run on the CPU."
         )
     free = [gpu for gpu in gpus if gpu not in busy_gpus]
     if len(free) < needed:
