@@ -227,6 +227,26 @@ def test_check_lists_schema_and_path_issues(tmp_path):
     assert keys == ["data.train", "model.name_or_path", "output.run_dir", "training.num_train_epochs"]
 
 
+HUB_CONFIG = "task: text-classification\nmodel:\n  name_or_path: bert-base-uncased\ndata:\n  format: hub\n  train: {}\n"
+
+
+@pytest.mark.parametrize("train", ["/etc", "./secret", "../secret", "~/secret", "runs"])
+def test_check_hub_format_rejects_paths(tmp_path, train):
+    settings = AppSettings(workspace=tmp_path / "ws", data_roots=[tmp_path / "data"])
+    (settings.workspace / "runs").mkdir(parents=True)
+    config, issues = configform.check(HUB_CONFIG.format(train), settings)
+    assert config is None
+    assert [issue.key for issue in issues] == ["data.train"]
+
+
+@pytest.mark.parametrize("train", ["imdb", "stanfordnlp/imdb", "stanfordnlp/imdb:test"])
+def test_check_hub_format_accepts_names(tmp_path, train):
+    settings = AppSettings(workspace=tmp_path / "ws", data_roots=[tmp_path / "data"])
+    config, issues = configform.check(HUB_CONFIG.format(train), settings)
+    assert issues == []
+    assert config.data.train == train
+
+
 def test_issues_split_by_field():
     from finetune.config import ConfigIssue
 

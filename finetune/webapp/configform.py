@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from ..config import ConfigError, ConfigIssue, OptionDoc, RunConfig, describe_options, validate_config
-from .security import PathNotAllowed, resolve_inside, resolve_model_reference
+from .security import PathNotAllowed, looks_like_hub_id, resolve_inside, resolve_model_reference
 from .settings import AppSettings
 from ..log import get_logger
 
@@ -165,7 +165,10 @@ def check_paths(raw: dict, settings: AppSettings) -> list[ConfigIssue]:
         issues.append(ConfigIssue("data.train", "", "is empty.", "type a path inside the data roots or upload a file."))
     for key in DATA_PATH_KEYS:
         value = get_key(raw, key)
-        if not isinstance(value, str) or not value.strip() or is_hub_data:
+        if not isinstance(value, str) or not value.strip():
+            continue
+        if is_hub_data:
+            issues.extend(hub_name_issues(key, value, settings))
             continue
         try:
             set_key(raw, key, str(resolve_inside(value, settings.all_data_roots(), subject=key)))
@@ -184,6 +187,23 @@ def check_paths(raw: dict, settings: AppSettings) -> list[ConfigIssue]:
         if key == "checkpoint.resume" and value not in (None, "auto", "never"):
             issues.append(ConfigIssue(key, value, "must be auto or never in the app.", "use resume on the Jobs tab."))
     return issues
+
+
+def hub_name_issues(key: str, value: str, settings: AppSettings) -> list[ConfigIssue]:
+    """List an issue when a data value under `data.format: hub` is not a plain Hub dataset name.
+
+    `datasets.load_dataset` reads a local folder or file when the name is a path, so a path here would bypass
+    the data roots. The job runs in the workspace, so a relative name that exists there is a path too.
+    """
+    name = value.strip()
+    if ":" in name:
+        name = name.rpartition(":")[0]  # `NAME:SPLIT` picks a split; only the name is a path risk.
+    if looks_like_hub_id(name) and not (settings.workspace / name).exists():
+        return []
+    return [ConfigIssue(
+        key, value, "is not a Hub dataset name (owner/name); with data.format hub a local path would bypass the data roots.",
+        "give a Hub dataset name, or remove data.format: hub and use a path inside the data roots.",
+    )]
 
 
 def model_roots(settings: AppSettings) -> list[Path]:
