@@ -333,3 +333,16 @@ def test_log_lines_drop_progress_redraws():
 
     text = "start\ntraining:  10%|#  | 1/10\rtraining:  20%|## | 2/10\r\n\x1b[1mbold\x1b[0m end\n"
     assert clean_log_lines(text) == ["start", "training:  20%|## | 2/10", "bold end", ""]
+
+
+def test_form_numbers_accept_out_of_range(tmp_path):
+    import gradio as gr
+
+    from finetune.webapp import build_app
+
+    settings = AppSettings(workspace=tmp_path / "ws", data_roots=[tmp_path / "data"])
+    app = build_app(settings)
+    numbers = {block.elem_id: block for block in app.blocks.values() if isinstance(block, gr.Number)}
+    # Out-of-range values must reach the YAML, where validation names them next to their field.
+    assert numbers["field-training-learning-rate"].preprocess(-1.0) == -1.0
+    assert numbers["field-training-num-train-epochs"].preprocess(0) == 0

@@ -57,8 +57,11 @@ def _build_form(start: dict, backbones: list[tuple[str, str]]) -> tuple[list[gr.
         elif field.kind == "choice":
             component = gr.Dropdown(list(doc.choices), value=value, label=doc.key, info=doc.description, elem_id=element_id)
         elif field.kind in ("int", "float"):
-            component = gr.Number(value, label=doc.key, info=doc.description, minimum=doc.minimum,
-                                  maximum=doc.maximum, precision=0 if field.kind == "int" else None, elem_id=element_id)
+            # No minimum or maximum: Gradio would reject an out-of-range value in a toast that names no field and
+            # leave the old value in the YAML, so the form and the launched config would differ. Validation
+            # reports the bound next to the field instead.
+            component = gr.Number(value, label=doc.key, info=doc.description,
+                                  precision=0 if field.kind == "int" else None, elem_id=element_id)
         else:
             component = gr.Textbox(value or "", label=doc.key, info=doc.description, elem_id=element_id)
         inputs.append(component)
