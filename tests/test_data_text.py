@@ -394,6 +394,22 @@ def test_invalid_json_lines_rejected(tmp_path):
         preflight_text(make_config(train=str(path)))
 
 
+def test_header_only_csv_rejected(tmp_path):
+    path = tmp_path / "header.csv"
+    path.write_text("text,label\n")
+    with pytest.raises(DataError, match="has no data rows"):
+        preflight_text(make_config(train=str(path)))
+
+
+def test_non_parquet_file_rejected(tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"not a parquet file")
+    with pytest.raises(DataError) as error:
+        preflight_text(make_config(train=str(path)))
+    assert f"could not read {str(path)!r} as parquet" in str(error.value)
+    assert "ArrowInvalid" in str(error.value)
+
+
 def test_detect_format_hub_name():
     assert detect_format("rotten_tomatoes") == "hub"
     assert detect_format("cornell-movie-review-data/rotten_tomatoes") == "hub"

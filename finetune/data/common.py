@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 from datasets.exceptions import DatasetGenerationError
 
 from ..assets import resolve_path
@@ -144,13 +145,19 @@ def load_split(value: str, split: str, fmt: str, hub_config_name: str | None) ->
 def _load_file(builder: str, source: str, kwargs: dict) -> datasets.Dataset:
     try:
         return datasets.load_dataset(builder, data_files={"train": source}, split="train", **kwargs)
-    except DatasetGenerationError as error:
+    except (DatasetGenerationError, pa.ArrowException) as error:
         # datasets wraps the parser's error (pandas, pyarrow) in a generic message, so name the root cause.
+        # The parquet builder reads the schema before generating, so its errors arrive unwrapped.
         cause = error.__cause__ or error
         raise DataError(
             f"could not read {source!r} as {builder}: {type(cause).__name__}: {cause}. Fix: repair the file "
             "(unbalanced quotes, wrong column count, invalid JSON lines), or set data.format if the suffix is wrong."
         ) from error
+    except ValueError as error:
+        # datasets (checked with 5.2) raises this ValueError when the file has a header but no rows.
+        if "corresponds to no data" not in str(error):
+            raise
+        raise DataError(f"{source!r} has no data rows. Fix: add labelled rows to the file.") from error
 
 
 def _load_hub_split(name: str, hub_config_name: str | None, split: str) -> datasets.Dataset:
