@@ -209,6 +209,11 @@ def test_keep_labels_matches_int_labels():
     assert names == ["0", "2"]
 
 
+def test_one_class_rejected():
+    with pytest.raises(DataError, match="has 1 class\\(es\\) \\('a'\\)"):
+        encode_labels(as_splits(train={"label": ["a", "a", "a"]}), "label", None)
+
+
 def test_mixed_label_types_rejected():
     with pytest.raises(DataError, match="mix integers and strings"):
         encode_labels(as_splits(train={"label": [0, 1]}, test={"label": ["0", "1"]}), "label", None)

@@ -211,12 +211,14 @@ def encode_labels(
     keeps its names, integers go in numeric order (named by their decimal text) and strings are sorted.
     Rows whose label is not in `keep_labels` (compared as text) are dropped; the caller counts them from the
     row counts. Raises `DataError` for null labels, mixed integer and string labels, a `keep_labels` entry that
-    no training row has, and a label that appears only in validation or test (naming it and its row count).
+    no training row has, training data with fewer than two classes, and a label that appears only in
+    validation or test (naming it and its row count).
     """
     keys = {split: _label_keys(dataset, label_column, split) for split, dataset in splits.items()}
     order = _class_order(splits["train"].features[label_column], keys)
     if keep_labels is not None:
         order = _apply_keep_labels(order, keep_labels)
+    _check_two_classes(order, label_column)
     index = {key: position for position, key in enumerate(order)}
     encoded = {}
     for split, dataset in splits.items():
@@ -273,6 +275,17 @@ def _apply_keep_labels(order: list[Any], keep_labels: list[str]) -> list[Any]:
             f"Training labels: {', '.join(sorted(known))}. Fix: correct data.keep_labels."
         )
     return [key for key in order if str(key) in keep_labels]
+
+
+def _check_two_classes(order: list[Any], label_column: str) -> None:
+    # A classifier with one class always predicts it, so training would only report a perfect, empty score.
+    if len(order) < 2:
+        found = ", ".join(repr(str(key)) for key in order) or "none"
+        raise DataError(
+            f"label column {label_column!r} of the training data has {len(order)} class(es) ({found}), and "
+            "classification needs at least two. Fix: add rows of other classes, or point data.label_column "
+            "at the column with the classes."
+        )
 
 
 def _check_unseen(split: str, keys: list[Any], index: dict[Any, int]) -> None:
