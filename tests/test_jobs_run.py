@@ -158,6 +158,17 @@ def test_stop_then_resume_completes(tmp_path, project, offline):
 
 
 @pytest.mark.timeout(600)
+def test_failed_job_log_is_clean(tmp_path, project, offline):
+    workspace = Workspace(tmp_path / "ws")
+    job = submit(workspace, project, "data.train=missing.csv")
+    failed = wait_for(Scheduler(workspace, max_cpu_jobs=1), workspace, job.id, finished)
+    log = workspace.tail_log(job.id, max_lines=1000)
+    assert failed.status == JobStatus.FAILED
+    assert "Traceback" not in log
+    assert log.count("data file 'missing.csv' not found") == 1
+
+
+@pytest.mark.timeout(600)
 def test_restarted_scheduler_reattaches(tmp_path, project, offline):
     workspace = Workspace(tmp_path / "ws")
     job = submit(workspace, project, *LONG_JOB)

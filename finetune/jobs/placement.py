@@ -135,6 +135,9 @@ def launch_flags(placement: Placement, accelerate_config: str | None, port: int 
     for several processes (a gloo group on the CPU, see `device_environment`), nothing extra for one GPU.
     """
     flags = ["--num_processes", str(placement.num_processes), "--num_machines", "1", "--dynamo_backend", "no"]
+    # Without --quiet, accelerate 1.16 ends every non-zero exit (75 for a clean stop, 2 for a data error) with
+    # its own traceback and a second copy of the training's stderr, which buries the real message in the log.
+    flags.append("--quiet")
     if accelerate_config:
         flags = ["--config_file", str(resolve_accelerate_config(accelerate_config)), *flags]
     elif placement.num_processes > 1:
