@@ -346,3 +346,19 @@ def test_form_numbers_accept_out_of_range(tmp_path):
     # Out-of-range values must reach the YAML, where validation names them next to their field.
     assert numbers["field-training-learning-rate"].preprocess(-1.0) == -1.0
     assert numbers["field-training-num-train-epochs"].preprocess(0) == 0
+
+
+def test_try_model_change_clears_results(tmp_path):
+    from finetune.webapp import build_app
+
+    app = build_app(AppSettings(workspace=tmp_path / "ws", data_roots=[tmp_path / "data"]))
+    elem_ids = {block._id: block.elem_id for block in app.blocks.values()}
+    cleared = set()
+    for dependency in app.config["dependencies"]:
+        if ("try-model-a", "change") in [(elem_ids.get(target), event) for target, event in dependency["targets"]]:
+            cleared.update(elem_ids.get(output) for output in dependency["outputs"])
+    # A new model choice must not leave the previous model's prediction or validation errors on screen.
+    assert "try-label-a" in cleared
+    assert "try-confusion" in cleared
+    assert "try-texts" in cleared
+    assert "try-gallery" in cleared

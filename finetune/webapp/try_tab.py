@@ -70,7 +70,11 @@ def build_try_tab(settings: AppSettings, service: JobService) -> None:
         label_a = gr.Label(label="model", elem_id="try-label-a")
         label_b = gr.Label(label="second model", elem_id="try-label-b")
     try_status = gr.Markdown(elem_id="try-status")
-    _build_analysis(service, settings, model_a)
+    analysis = _build_analysis(service, settings, model_a)
+    # Results of the previous choice would otherwise stay on screen under the new model's name.
+    model_a.change(lambda: [None, None, "", *clear_analysis()], None, [label_a, label_b, try_status, *analysis],
+                   show_progress="hidden", api_visibility="private")
+    model_b.change(lambda: [None, ""], None, [label_b, try_status], show_progress="hidden", api_visibility="private")
 
     def predict(a, b, image_path, typed, k):
         return predict_pair(settings, service, cache, a, b, image_path, typed, k)
@@ -83,7 +87,8 @@ def build_try_tab(settings: AppSettings, service: JobService) -> None:
           None, [model_a, model_b], show_progress="hidden", api_visibility="private")
 
 
-def _build_analysis(service: JobService, settings: AppSettings, model_a: gr.Dropdown) -> None:
+def _build_analysis(service: JobService, settings: AppSettings, model_a: gr.Dropdown) -> list[gr.components.Component]:
+    """Lay out the validation-error view of `model_a`'s job; return its output components."""
     gr.Markdown("### Validation errors of a finished job")
     with gr.Row():
         analyse_button = gr.Button("Show confusion matrix and misclassified examples", elem_id="try-analyse")
@@ -93,6 +98,12 @@ def _build_analysis(service: JobService, settings: AppSettings, model_a: gr.Drop
     message = gr.Markdown()
     analyse_button.click(lambda job: analyse_job(service, settings, job), model_a, [confusion, gallery, texts, message],
                          api_name="analyse", concurrency_id=TRY_CONCURRENCY_ID, concurrency_limit=TRY_CONCURRENCY_LIMIT)
+    return [confusion, gallery, texts, message]
+
+
+def clear_analysis() -> list:
+    """Return empty values for the confusion matrix, the misclassified images and texts, and the message."""
+    return [None, None, None, ""]
 
 
 def model_choices(settings: AppSettings, service: JobService) -> list[tuple[str, str]]:
