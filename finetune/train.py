@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -51,6 +52,10 @@ from .schedule import ScheduleController
 from .stopping import EarlyStopping, NonFiniteLossError, StopRequest, check_finite_loss, metric_greater_is_better
 
 logger = get_logger(__name__)
+
+# Misclassified validation images, saved as PNG in the run folder (relative to it) for the app's gallery.
+MISCLASSIFIED_DIR = "misclassified"
+MAX_MISCLASSIFIED_IMAGES = 48
 
 
 @dataclass
@@ -618,12 +623,23 @@ class FineTuneRecipe:
     def _write_validation_predictions(self, outputs: dict) -> None:
         raw = self.data.raw_validation
         path = self.export_dir / "validation_predictions.jsonl"
+        image_dir = self.run_dir / MISCLASSIFIED_DIR
+        if image_dir.exists():
+            shutil.rmtree(image_dir)  # Images of an earlier run would not match this run's predictions.
+        saved_images = 0
         with open(path, "w", encoding="utf-8") as handle:
             for index, (label, prediction) in enumerate(zip(outputs["labels"].tolist(), outputs["predictions"].tolist())):
                 record = {"index": index, "label": self.data.label_names[label],
                           "prediction": self.data.label_names[prediction]}
                 if raw is not None and self.config.task == "text-classification":
                     record["text"] = raw[index][self.config.data.text_column]
+                wants_image = label != prediction and saved_images < MAX_MISCLASSIFIED_IMAGES
+                if raw is not None and self.config.task == "image-classification" and wants_image:
+                    # The app shows these images; it reads them from the run folder only, never the data paths.
+                    image_dir.mkdir(parents=True, exist_ok=True)
+                    raw[index]["image"].convert("RGB").save(image_dir / f"{index}.png")
+                    record["image"] = f"{MISCLASSIFIED_DIR}/{index}.png"
+                    saved_images += 1
                 handle.write(json.dumps(record) + "\n")
 
     def _write_run_start(self) -> None:

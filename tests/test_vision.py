@@ -175,3 +175,32 @@ def test_pipeline_matches_evaluation(tmp_path, save):
     assert set(scores) == set(LABELS)
     for index, name in enumerate(prepared.label_names):
         assert scores[name] == pytest.approx(float(probabilities[index]), abs=1e-6)
+
+
+def test_misclassified_images_saved(tmp_path):
+    from finetune.webapp.try_tab import _load_image
+    from tiny import run_recipe
+
+    save_vit(tmp_path / "backbone")
+    write_class_images(tmp_path / "images")
+    run_dir = tmp_path / "run"
+    config = {
+        "task": "image-classification",
+        "model": {"name_or_path": str(tmp_path / "backbone")},
+        "data": {"train": str(tmp_path / "images"), "validation_size": 6, "test_size": 0},
+        "training": {"num_train_epochs": 1, "per_device_train_batch_size": 4, "learning_rate": 1e-9,
+                     "mixed_precision": "no", "seed": 0},
+        "output": {"run_dir": str(run_dir)},
+    }
+    code, _ = run_recipe(config)
+    lines = (run_dir / "export" / "validation_predictions.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    wrong = [record for record in records if record["label"] != record["prediction"]]
+    right = [record for record in records if record["label"] == record["prediction"]]
+    assert code == 0
+    assert len(records) == 6
+    assert wrong  # an untrained random head gets some of three classes wrong
+    # The app's gallery reads each misclassified image from the run folder.
+    for record in wrong:
+        assert _load_image(run_dir, record["image"]).size == (36, 28)
+    assert all("image" not in record for record in right)
