@@ -343,6 +343,7 @@ class FineTuneRecipe:
             saved = self.checkpoints.load(self.resumed_from)
             self.state = TrainState(**saved["train_state"])
             self._rescale_data_position(read_checkpoint_record(self.resumed_from)["fingerprint"].get("world_size"))
+            self._check_data_position()
             self.early_stopping.load_state_dict(self.state.early_stopping)
             logger.info("Resumed from %s at step %d (epoch %d, micro-batch %d)", self.resumed_from,
                         self.state.global_step, self.state.epoch + 1, self.state.micro_batches_done)
@@ -377,6 +378,18 @@ class FineTuneRecipe:
                        "micro-batch %d per process instead of %d.", saved_world_size, current,
                        self.state.epoch + 1, done, self.state.micro_batches_done)
         self.state.micro_batches_done = min(done, self.micro_batches_per_epoch)
+
+    def _check_data_position(self) -> None:
+        # A larger batch size or fewer training rows shorten the epoch. A position past its end would never
+        # reach the epoch's last batch, so the loop would evaluate and checkpoint the same step forever.
+        if self.state.micro_batches_done <= self.micro_batches_per_epoch:
+            return
+        raise IncompatibleCheckpointError(
+            f"checkpoint {self.resumed_from} stopped after micro-batch {self.state.micro_batches_done} of epoch "
+            f"{self.state.epoch + 1}, but an epoch of this config has {self.micro_batches_per_epoch} micro-batches "
+            "per process (training.per_device_train_batch_size or the training data changed). Fix: resume with "
+            "the batch size and data that wrote it, set checkpoint.resume: never, or use a new output.run_dir."
+        )
 
     def _fingerprint(self) -> dict:
         return build_fingerprint(self.config, self.data.label_names, self.accelerator.num_processes, self.mixed_precision)

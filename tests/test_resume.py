@@ -259,6 +259,19 @@ def test_resume_continues_mid_epoch(forkserver, assets, tmp_path):
     assert train_steps == list(range(11, 17))
 
 
+def test_resume_with_larger_batch_rejected(forkserver, assets, tmp_path):
+    # Killed after micro-batch 7 of 8 (batch 4): checkpoint-6 is 6 micro-batches into epoch 1, past the end of
+    # an epoch of batch 8, which has 4. The resumed run must stop instead of checkpointing step 6 forever.
+    config = micro_config(assets, tmp_path / "run")
+    config_path = write_config(config, tmp_path / "config.yaml")
+    assert run_training(forkserver, config_path, fault=("kill", 7)) == -signal.SIGKILL
+    larger = merge(config, {"training__per_device_train_batch_size": 8})
+    assert run_training(forkserver, write_config(larger, config_path)) == runlog.EXIT_CONFIG_ERROR
+    error = run_end(tmp_path / "run")["error"]
+    assert "stopped after micro-batch 6 of epoch 1" in error
+    assert "has 4 micro-batches per process" in error
+
+
 def test_resume_keeps_learning_rate(forkserver, assets, tmp_path):
     # Killed during step 7 with checkpoints every 4 steps: steps 5 and 6 run again after resuming from
     # checkpoint-4, and must log the same learning rate both times.
