@@ -68,15 +68,30 @@ def _as_image(item: Any):
 def _read_inputs(args: argparse.Namespace, task: str) -> list[str]:
     inputs = list(args.inputs)
     if args.file:
+        if not Path(args.file).is_file():
+            raise FileNotFoundError(f"--file {args.file}: file not found. Fix: give a text file with one input per line.")
         lines = Path(args.file).read_text(encoding="utf-8").splitlines()
         inputs += [line for line in lines if line.strip()]
     if not inputs:
         raise ValueError("no inputs: give texts or image paths as arguments, or --file with one per line")
     if task == "image-classification":
-        missing = [item for item in inputs if not Path(item).is_file()]
-        if missing:
-            raise FileNotFoundError(f"image file(s) not found: {', '.join(missing[:5])}")
+        _check_images(inputs)
     return inputs
+
+
+def _check_images(paths: list[str]) -> None:
+    # Decoding every file first turns a folder or a non-image into one message instead of a Pillow traceback
+    # halfway through the output.
+    from .data.image import image_problem
+
+    problems = []
+    for path in paths:
+        problem = "a folder, not an image file" if Path(path).is_dir() else image_problem(path)
+        if problem is not None:
+            problems.append(f"{path} ({problem})")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ValueError(f"cannot classify {len(problems)} input(s): {shown}. Fix: give paths of image files.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--file", help="File with one text or image path per line.")
     parser.add_argument("--top-k", type=int, default=1, help="Number of classes to print per input (default 1).")
     args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error(f"argument --top-k: {args.top_k} is below 1; give the number of classes to print, 1 or more")
     setup_logging()
     try:
         predictor = Predictor(args.model_dir)

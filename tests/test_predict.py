@@ -186,3 +186,37 @@ def test_predict_top_k_lists_classes(trained, capfd):
     assert code == 0
     assert sorted(entry["label"] for entry in line["top_k"]) == sorted(LABELS)
     assert line["label"] == line["top_k"][0]["label"]
+
+
+def test_predict_top_k_below_one(trained):
+    completed = run_predict(str(trained["export"]), TEXTS[0], "--top-k", "0")
+    assert completed.returncode == 2
+    assert "argument --top-k: 0 is below 1" in completed.stderr
+    assert completed.stdout == ""
+
+
+def test_predict_missing_input_file(trained, tmp_path):
+    missing = tmp_path / "inputs.txt"
+    completed = run_predict(str(trained["export"]), "--file", str(missing))
+    assert completed.returncode == 2
+    assert f"--file {missing}: file not found" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_predict_rejects_non_images(tmp_path):
+    from test_vision import save_resnet
+
+    model_dir = tmp_path / "resnet"
+    save_resnet(model_dir, num_labels=2)
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("hello", encoding="utf-8")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+
+    completed = run_predict(str(model_dir), str(not_image), str(folder))
+
+    assert completed.returncode == 2
+    assert f"{not_image} (not an image file Pillow can read)" in completed.stderr
+    assert f"{folder} (a folder, not an image file)" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert completed.stdout == ""
