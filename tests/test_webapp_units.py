@@ -362,3 +362,37 @@ def test_try_model_change_clears_results(tmp_path):
     assert "try-confusion" in cleared
     assert "try-texts" in cleared
     assert "try-gallery" in cleared
+
+
+def test_jobs_view_keeps_deleted_selection(tmp_path):
+    from finetune.webapp.jobs_tab import refresh_view
+    from finetune.webapp.service import JobService
+
+    service = JobService(AppSettings(workspace=tmp_path / "ws", data_roots=[tmp_path / "data"]))
+    config = "task: text-classification\nmodel:\n  name_or_path: bert-base-uncased\ndata:\n  train: train.csv\n"
+    older = service.workspace.submit(config, name="older")
+    chosen = service.workspace.submit(config, name="chosen")
+    service.workspace.cancel(chosen.id)
+    service.workspace.delete(chosen.id)
+    rows, selector, status, log, figure, drawn = refresh_view(service, str(chosen.id), None)
+    # Selecting another job here would aim Stop and Delete at a job the user never chose.
+    assert selector["value"] == str(chosen.id)
+    assert status == f"Job {chosen.id} no longer exists (it was deleted); select another job."
+    assert [row[0] for row in rows] == [str(older.id)]
+    assert figure is None
+
+
+def test_jobs_refresh_leaves_pick_alone(tmp_path):
+    from finetune.webapp.jobs_tab import refresh_view
+    from finetune.webapp.service import JobService
+
+    service = JobService(AppSettings(workspace=tmp_path / "ws", data_roots=[tmp_path / "data"]))
+    config = "task: text-classification\nmodel:\n  name_or_path: bert-base-uncased\ndata:\n  train: train.csv\n"
+    first = service.workspace.submit(config, name="first")
+    newest = service.workspace.submit(config, name="newest")
+    # A refresh for the current pick sends no value, so a pick made while it ran is not reverted.
+    kept = refresh_view(service, str(first.id), None)[1]
+    assert "value" not in kept
+    assert [choice[1] for choice in kept["choices"]] == [str(newest.id), str(first.id)]
+    # With no pick yet, the newest job is selected.
+    assert refresh_view(service, None, None)[1]["value"] == str(newest.id)

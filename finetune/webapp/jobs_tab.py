@@ -75,11 +75,18 @@ def refresh_view(service: JobService, job_id: str | None, drawn_key) -> list:
     rows = [_table_row(job) for job in jobs]
     choices = [(job.label, job.id) for job in jobs]
     ids = {job.id for job in jobs}
+    value = job_id or None
+    if value is not None and value not in ids:
+        # Keep the vanished id selected: moving the selection to another job would point Stop and Delete at a
+        # job the user never chose.
+        message = f"Job {value} no longer exists (it was deleted); select another job."
+        return [rows, gr.update(choices=choices, value=value), message, "", None, None]
     # Keep the selection; with none yet, select the newest job so a returning user sees it at once.
-    value = job_id if job_id in ids else None
-    if job_id is None and jobs:
+    if value is None and jobs:
         value = jobs[0].id
-    selector = gr.update(choices=choices, value=value)
+    # A refresh that began before the user picked another job must not put the old pick back, so the value is
+    # sent only when this refresh chose it.
+    selector = gr.update(choices=choices) if value == job_id else gr.update(choices=choices, value=value)
     if value is None:
         return [rows, selector, "No job selected.", "", gr.skip(), drawn_key]
     job = next(job for job in jobs if job.id == value)
