@@ -391,8 +391,8 @@ def test_jobs_refresh_leaves_pick_alone(tmp_path):
     first = service.workspace.submit(config, name="first")
     newest = service.workspace.submit(config, name="newest")
     # A refresh for the current pick sends no value, so a pick made while it ran is not reverted.
-    kept = refresh_view(service, str(first.id), None)[1]
-    assert "value" not in kept
-    assert [choice[1] for choice in kept["choices"]] == [str(newest.id), str(first.id)]
+    selector = refresh_view(service, str(first.id), None)[1]
+    assert "value" not in selector
+    assert [choice[1] for choice in selector["choices"]] == [str(newest.id), str(first.id)]
     # With no pick yet, the newest job is selected.
     assert refresh_view(service, None, None)[1]["value"] == str(newest.id)
