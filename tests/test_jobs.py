@@ -417,6 +417,17 @@ def test_cli_logs_prints_tail(workspace, capsys):
     assert capsys.readouterr().out == "line 8\nline 9\n"
 
 
+def test_cli_logs_zero_lines(workspace, capsys):
+    job = workspace.submit(CONFIG)
+    (job.run_dir / "stderr.log").write_text("".join(f"line {index}\n" for index in range(10)))
+    assert cli.main(["jobs", "logs", str(job.id), "--lines", "0", "--workspace", str(workspace.path)]) == 0
+    assert capsys.readouterr().out == ""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["jobs", "logs", str(job.id), "--lines", "-5", "--workspace", str(workspace.path)])
+    assert exited.value.code == 2
+    assert "-5 is negative" in capsys.readouterr().err
+
+
 def test_default_workspace_env(monkeypatch, tmp_path):
     monkeypatch.setenv("FINETUNE_WORKSPACE", str(tmp_path / "env-ws"))
     assert Workspace().path == (tmp_path / "env-ws").resolve()

@@ -94,7 +94,7 @@ def _jobs_parser() -> argparse.ArgumentParser:
     logs = add("logs", _logs, "Print a job's log.")
     logs.add_argument("--follow", "-f", action="store_true", help="Keep printing new lines until the job ends.")
     logs.add_argument("--stream", choices=sorted(LOG_STREAMS), default="stderr", help="Which log (default stderr, where the run logs).")
-    logs.add_argument("--lines", type=int, default=200, help="Lines to print from the end (default 200).")
+    logs.add_argument("--lines", type=_non_negative_int, default=200, help="Lines to print from the end (default 200).")
     add("stop", _stop, "Stop a running job (it checkpoints and can be resumed); a second stop kills it.")
     add("resume", _resume, "Queue a stopped or failed job again; it continues from its last checkpoint.")
     add("cancel", _cancel, "Cancel a queued job.")
@@ -107,6 +107,16 @@ def _jobs_parser() -> argparse.ArgumentParser:
     clone.add_argument("--accelerate-config", default=None, help="Name of a file in configs/accelerate or a path (default: the source's).")
     add("delete", _delete, "Delete a job that is not running, with its run folder.")
     return parser
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}; give a whole number of at least 0.") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give a whole number of at least 0.")
+    return value
 
 
 def _add_device_options(parser: argparse.ArgumentParser) -> None:

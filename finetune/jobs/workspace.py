@@ -287,6 +287,8 @@ def tail_text(path: Path, max_lines: int, max_bytes: int = 1 << 20) -> str:
             data = handle.read()
     except FileNotFoundError:
         return ""
+    if max_lines <= 0:
+        return ""  # lines[-0:] would be every line.
     lines = data.decode("utf-8", errors="replace").splitlines()
     return "\n".join(lines[-max_lines:])
 
