@@ -341,3 +341,12 @@ def test_try_answers_during_long_event(locked_server):
 
     assert "cancelled" in client.predict(job_id, api_name="/job_stop")
     assert "cancelled" in follow.result(timeout=60)
+
+
+def test_busy_port_names_option(server, tmp_path):
+    command = [sys.executable, "-m", "finetune.cli", "app", "--port", str(server.port), "--workspace", str(tmp_path / "ws"),
+               "--no-scheduler"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    assert result.returncode == 1
+    assert "Fix: pass --port with a free port" in result.stderr

@@ -79,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launch_app(settings)
     except OSError as error:
-        logger.error("could not start the app on %s:%d: %s", settings.host, settings.port, error)
+        # Gradio's message for a busy port names its own launch() parameters, not this command's options.
+        logger.error(
+            "could not start the app on %s:%d: %s Fix: pass --port with a free port, or stop the program that uses it.",
+            settings.host, settings.port, error,
+        )
         return 1
     return 0
 
