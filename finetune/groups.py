@@ -371,6 +371,10 @@ def inspect_main(argv: list[str]) -> int:
     except AssetNotFoundError as error:
         print(f"finetune inspect: {error}", file=sys.stderr)
         return 1
+    problem = _local_folder_problem(source)
+    if problem is not None:
+        print(f"finetune inspect: cannot load {args.model!r}: {problem}", file=sys.stderr)
+        return 1
     try:
         model = _load_for_inspection(source, args.task, args.num_labels)
     except (OSError, ValueError, RuntimeError) as error:
@@ -408,6 +412,25 @@ def _load_for_inspection(name: str, task: str | None, num_labels: int) -> nn.Mod
     )
     # Weights do not change the groups, so build from the config and skip loading them.
     return auto.from_config(config)
+
+
+def _local_folder_problem(source: str) -> str | None:
+    """Return why a path-like `source` is not a model folder, or None when it is one or is a Hub or timm name.
+
+    The rule is `models.check_model_source`'s: a leading `.`, `/` or `~`, more than one slash, or an existing
+    path marks a folder. Without this, transformers reports such paths as invalid Hub repository ids.
+    """
+    from pathlib import Path
+
+    if source.startswith("timm/") and not _is_local(source):
+        return None
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or Path(source).exists()
+    if not looks_local or (Path(source).expanduser() / "config.json").is_file():
+        return None
+    if "efficientnet" in source:
+        return (f"{source} is not a model folder (no config.json). Fix: run `finetune convert-efficientnet`, "
+                "then inspect the folder it writes (runs/assets/efficientnet_lite0 by default).")
+    return f"{source} is not a model folder (no config.json). Fix: give a save_pretrained folder or a Hub id."
 
 
 def _is_local(name: str) -> bool:

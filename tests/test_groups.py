@@ -181,6 +181,16 @@ def test_inspect_missing_model_fails(tmp_path, capsys):
     assert "cannot load" in capsys.readouterr().err
 
 
+def test_inspect_folder_without_config(tmp_path, capsys):
+    assert inspect_main([str(tmp_path)]) == 1
+    assert f"{tmp_path} is not a model folder (no config.json)" in capsys.readouterr().err
+
+
+def test_inspect_efficientnet_asset_names_convert(capsys):
+    assert inspect_main(["asset:efficientnet_lite0"]) == 1
+    assert "Fix: run `finetune convert-efficientnet`" in capsys.readouterr().err
+
+
 def test_inspect_bundled_minilm(capsys):
     assert inspect_main(["asset:minilm"]) == 0
     output = capsys.readouterr().out
