@@ -152,8 +152,14 @@ def convert_efficientnet_lite0(checkpoint_path: str | os.PathLike, output_dir: s
     )
     wrapper = TimmWrapperForImageClassification(config)
     wrapper.timm_model.load_state_dict(timm_model.state_dict(), strict=True)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    wrapper.save_pretrained(output_dir, safe_serialization=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        wrapper.save_pretrained(output_dir, safe_serialization=True)
+    except OSError as error:
+        raise ConversionError(
+            f"cannot write the model folder {str(output_dir)!r} ({type(error).__name__}: {error}); "
+            "pass an --output-dir that is a writable folder or a new path."
+        ) from error
     logger.info("Wrote the converted model to %s", output_dir)
     return output_dir
 
@@ -162,7 +168,7 @@ def _load_state_dict(checkpoint_path: Path) -> dict[str, torch.Tensor]:
     expected = "an EfficientNet-PyTorch Lite0 state dict such as efficientnet-lite0-57934424.pth"
     try:
         state_dict = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError) as error:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, IndexError) as error:
         # torch.load reports a file that is not a checkpoint with whichever unpickling step failed first.
         raise ConversionError(
             f"cannot read {str(checkpoint_path)!r} as a PyTorch checkpoint ({type(error).__name__}: {error}); "

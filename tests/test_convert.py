@@ -127,3 +127,16 @@ def test_non_dict_checkpoint_rejected(tmp_path):
     torch.save([torch.zeros(2)], tmp_path / "list.pth")
     with pytest.raises(ConversionError, match="contains a list, not a state dict"):
         convert_efficientnet_lite0(tmp_path / "list.pth", tmp_path / "out")
+
+
+def test_csv_file_rejected(tmp_path):
+    # A text file whose first byte is not a pickle opcode makes the unpickler raise IndexError.
+    (tmp_path / "reviews.csv").write_text("text,label\nsuperb film,fresh\n")
+    with pytest.raises(ConversionError, match="cannot read .* as a PyTorch checkpoint"):
+        convert_efficientnet_lite0(tmp_path / "reviews.csv", tmp_path / "out")
+
+
+def test_output_dir_is_file_rejected(tmp_path):
+    (tmp_path / "taken").write_text("a file, not a folder\n")
+    with pytest.raises(ConversionError, match="cannot write the model folder .*taken"):
+        convert_efficientnet_lite0(efficientnet_lite0_weights(), tmp_path / "taken")
