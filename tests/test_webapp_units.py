@@ -396,3 +396,40 @@ def test_jobs_refresh_leaves_pick_alone(tmp_path):
     assert [choice[1] for choice in selector["choices"]] == [str(newest.id), str(first.id)]
     # With no pick yet, the newest job is selected.
     assert refresh_view(service, None, None)[1]["value"] == str(newest.id)
+
+
+def write_png(path: Path) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(path)
+    return path
+
+
+IMAGE_CONFIG = "task: image-classification\nmodel:\n  name_or_path: google/vit-base-patch16-224\ndata:\n  train: {}\n"
+
+
+@pytest.mark.parametrize("listed", ["inside", "outside"])
+def test_check_image_csv_paths(tmp_path, listed):
+    settings = AppSettings(workspace=tmp_path / "ws", data_roots=[tmp_path / "data"])
+    image = write_png(tmp_path / ("data" if listed == "inside" else "secret") / "a.png")
+    table = tmp_path / "data" / "images.csv"
+    table.parent.mkdir(exist_ok=True)
+    table.write_text(f"image,label\n{image},x\n{image},y\n")
+    config, issues = configform.check(IMAGE_CONFIG.format(table), settings)
+    if listed == "inside":
+        assert issues == []
+    else:
+        assert config is None
+        assert [issue.key for issue in issues] == ["data.train"]
+        assert str(image) in issues[0].message
+
+
+def test_check_image_folder_symlink_out(tmp_path):
+    settings = AppSettings(workspace=tmp_path / "ws", data_roots=[tmp_path / "data"])
+    write_png(tmp_path / "data" / "images" / "cat" / "a.png")
+    (tmp_path / "data" / "images" / "dog").mkdir()
+    (tmp_path / "data" / "images" / "dog" / "b.png").symlink_to(write_png(tmp_path / "secret" / "b.png"))
+    config, issues = configform.check(IMAGE_CONFIG.format(tmp_path / "data" / "images"), settings)
+    assert config is None
+    assert [issue.key for issue in issues] == ["data.train"]

@@ -182,6 +182,16 @@ def _read_source(value: str, split: str, config: RunConfig) -> dict[str, dataset
     return {split: _image_column(table, config.data.image_column, base, value)}
 
 
+def read_image_paths(value: str, split: str, config: RunConfig) -> list[str]:
+    """Return the file paths that a data source's images are read from; embedded images have none."""
+    paths = []
+    for table in _read_source(value, split, config).values():
+        for image in table[IMAGE]:
+            if isinstance(image, dict) and image.get("path") and not image.get("bytes"):
+                paths.append(image["path"])
+    return paths
+
+
 def read_image_folder(folder: str | os.PathLike, label_column: str = "label") -> dict[str, datasets.Dataset]:
     """Read an image folder: `CLASS/FILE` rows, or `SPLIT/CLASS/FILE` when split sub-folders exist.
 

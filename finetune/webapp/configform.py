@@ -154,7 +154,44 @@ def check(text: str, settings: AppSettings) -> tuple[RunConfig | None, list[Conf
         config = validate_config(raw, source="editor", extra_issues=path_issues)
     except ConfigError as error:
         return None, list(error.issues)
+    image_issues = image_path_issues(config, settings)
+    if image_issues:
+        return None, image_issues
     return config, []
+
+
+def image_path_issues(config: RunConfig, settings: AppSettings) -> list[ConfigIssue]:
+    """List data sources of an image task that name image files outside the data roots.
+
+    A CSV, JSON or Parquet file inside the roots may list any path, and a folder may hold symlinks, so the
+    image paths the job would read are checked too. Misclassified images are shown in the app, so a path
+    outside the roots would leak that file.
+    """
+    if config.task != "image-classification" or config.data.format == "hub":
+        return []
+    from ..data.common import DataError
+    from ..data.image import read_image_paths
+
+    issues = []
+    for key in DATA_PATH_KEYS:
+        split = key.split(".")[1]
+        value = getattr(config.data, split)
+        if not value:
+            continue
+        try:
+            paths = read_image_paths(value, split, config)
+        except (DataError, OSError) as error:
+            # The job reports unreadable data in its own words; unread paths cannot leak anything.
+            logger.info("image paths of %s not checked: %s", value, error)
+            continue
+        for path in paths:
+            try:
+                resolve_inside(path, settings.all_data_roots(), subject="image")
+            except PathNotAllowed as error:
+                issues.append(ConfigIssue(key, value, f"lists an image outside the data roots: {error}",
+                                          "list only images inside the data roots, or upload them in a zip."))
+                break
+    return issues
 
 
 def check_paths(raw: dict, settings: AppSettings) -> list[ConfigIssue]:
