@@ -166,6 +166,8 @@ def image_path_issues(config: RunConfig, settings: AppSettings) -> list[ConfigIs
     A CSV, JSON or Parquet file inside the roots may list any path, and a folder may hold symlinks, so the
     image paths the job would read are checked too. Misclassified images are shown in the app, so a path
     outside the roots would leak that file.
+
+    NOTE: the check runs when the config is validated; a data file edited after the launch is not checked again.
     """
     if config.task != "image-classification" or config.data.format == "hub":
         return []
@@ -181,7 +183,7 @@ def image_path_issues(config: RunConfig, settings: AppSettings) -> list[ConfigIs
         try:
             paths = read_image_paths(value, split, config)
         except (DataError, OSError) as error:
-            # The job reports unreadable data in its own words; unread paths cannot leak anything.
+            # Data the app cannot read fails the job too, with the engine's own message.
             logger.info("image paths of %s not checked: %s", value, error)
             continue
         for path in paths:
