@@ -26,6 +26,18 @@ class RankAwareLogger(logging.LoggerAdapter):
             self.logger.log(level, msg, *args, **kwargs)
 
 
+class _ProgressAwareHandler(logging.StreamHandler):
+    """Console handler that writes through `tqdm.write`, so a record starts its own line while a tqdm bar is drawn."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging's own contract: report the failure and keep running
+            self.handleError(record)
+
+
 def get_logger(name: str) -> RankAwareLogger:
     """Return the rank-aware logger `name`; a module run as `__main__` logs as `finetune.__main__`."""
     if name == "__main__":
@@ -40,7 +52,7 @@ def setup_logging(log_file: str | os.PathLike | None = None, level: int = loggin
     root.propagate = False
     formatter = logging.Formatter(_FORMAT, datefmt="%H:%M:%S")
     if not any(getattr(handler, "_finetune_console", False) for handler in root.handlers):
-        console = logging.StreamHandler(sys.stderr)
+        console = _ProgressAwareHandler(sys.stderr)
         console.setFormatter(formatter)
         console._finetune_console = True  # type: ignore[attr-defined]
         root.addHandler(console)

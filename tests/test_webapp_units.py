@@ -433,3 +433,27 @@ def test_check_image_folder_symlink_out(tmp_path):
     config, issues = configform.check(IMAGE_CONFIG.format(tmp_path / "data" / "images"), settings)
     assert config is None
     assert [issue.key for issue in issues] == ["data.train"]
+
+
+def test_log_record_not_glued_to_progress_bar():
+    import subprocess
+    import sys
+
+    from finetune.webapp.runs import clean_log_lines
+
+    script = (
+        "from tqdm import tqdm\n"
+        "from finetune.log import get_logger, setup_logging\n"
+        "setup_logging()\n"
+        "bar = tqdm(total=4, desc='training')\n"
+        "bar.update(2)\n"
+        "get_logger('finetune.demo').info('validation done')\n"
+        "bar.close()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    lines = clean_log_lines(result.stderr)
+    records = [line for line in lines if "validation done" in line]
+    # The job's log tail shows each record on its own line, not after the bar's last redraw.
+    assert len(records) == 1
+    assert records[0].endswith(" INFO finetune.demo: validation done")
+    assert not records[0].startswith("training")
