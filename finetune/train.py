@@ -165,8 +165,10 @@ class FineTuneRecipe:
     def _setup_run_dir(self) -> None:
         self.run_dir = self.config.run_dir
         self.config_changes: list[str] = []
+        # Every process creates the folder (exist_ok makes that safe), so a bad path raises the same error on
+        # all of them instead of leaving the others waiting at the barrier below.
+        _make_run_dir(self.run_dir)
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             self.config_changes = _config_changes(self.run_dir / runlog.CONFIG_FILE, self.config)
             save_config(self.config, self.run_dir / runlog.CONFIG_FILE)
             setup_logging(self.run_dir / runlog.LOG_FILE)
@@ -736,6 +738,18 @@ def _load_model_weights(checkpoint: Path, model: torch.nn.Module) -> None:
 
 def _public(metrics: dict) -> dict:
     return {key: value for key, value in metrics.items() if key != "num_examples"}
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    from .config import ConfigIssue
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError([ConfigIssue(
+            "output.run_dir", str(run_dir), f"cannot be created ({type(error).__name__}: {error.strerror}).",
+            "choose a writable folder path that is not an existing file.",
+        )]) from error
 
 
 def _unknown_metric_issue(name: str, metrics: dict):

@@ -319,6 +319,20 @@ def test_export_is_best_by_loss(tmp_path, model_dir, greater_is_better, pick):
 # Config and pre-flight errors through the CLI
 
 
+def test_run_dir_on_file_rejected(tmp_path, model_dir):
+    taken = tmp_path / "taken"
+    taken.write_text("a file, not a folder\n")
+    config = tiny_config(tmp_path, model={"name_or_path": str(model_dir)}, output={"run_dir": str(taken)})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    completed = run_cli("train", str(path))
+
+    assert completed.returncode == 2
+    assert f"output.run_dir = '{taken}': cannot be created (FileExistsError" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
 def test_cli_lists_every_config_error(tmp_path, model_dir):
     config = tiny_config(tmp_path, model={"name_or_path": str(model_dir)})
     config["training"].update(learnig_rate=1e-3, num_train_epochs=0, lr_scheduler_type="cosin")
