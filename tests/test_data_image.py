@@ -168,6 +168,14 @@ def test_prepare_error_policy_names_paths(tmp_path):
     assert "bad_image_policy: skip" in str(error.value)
 
 
+def test_one_class_folder_rejected(tmp_path):
+    (tmp_path / "cat").mkdir()
+    for index in range(8):
+        Image.new("RGB", (20, 16), "red").save(tmp_path / "cat" / f"{index}.png")
+    with pytest.raises(DataError, match="training data has 1 class\\(es\\) \\('cat'\\)"):
+        prepare_image_data(image_config(str(tmp_path), stratify=False), small_processor())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sources
 

@@ -210,7 +210,7 @@ def test_keep_labels_matches_int_labels():
 
 
 def test_one_class_rejected():
-    with pytest.raises(DataError, match="has 1 class\\(es\\) \\('a'\\)"):
+    with pytest.raises(DataError, match="training data has 1 class\\(es\\) \\('a'\\) in label column 'label'"):
         encode_labels(as_splits(train={"label": ["a", "a", "a"]}), "label", None)
 
 

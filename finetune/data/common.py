@@ -282,9 +282,9 @@ def _check_two_classes(order: list[Any], label_column: str) -> None:
     if len(order) < 2:
         found = ", ".join(repr(str(key)) for key in order) or "none"
         raise DataError(
-            f"label column {label_column!r} of the training data has {len(order)} class(es) ({found}), and "
-            "classification needs at least two. Fix: add rows of other classes, or point data.label_column "
-            "at the column with the classes."
+            f"the training data has {len(order)} class(es) ({found}) in label column {label_column!r}, and "
+            "classification needs at least two. Fix: add examples of other classes (for an image folder, one "
+            "sub-folder per class), or set data.label_column to the column that holds the classes."
         )
 
 
