@@ -812,6 +812,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # those after it (`KEY=VALUE --config CONFIG KEY=VALUE`).
     args = parser.parse_intermixed_args(argv)
     if args.config_option:
+        if args.config_path and "=" not in args.config_path:
+            parser.error(f"two config files given, {args.config_path} and --config {args.config_option}; give one")
         if args.config_path:
             args.overrides.insert(0, args.config_path)
         args.config_path = args.config_option

@@ -487,6 +487,13 @@ def test_train_arguments_need_config(capsys):
     assert "a config file is required" in capsys.readouterr().err
 
 
+def test_train_arguments_two_configs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["a.yaml", "--config", "b.yaml"])
+    assert exit_info.value.code == 2
+    assert "two config files given, a.yaml and --config b.yaml" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Re-using a run folder
 
