@@ -33,10 +33,29 @@ def load_processor(config: RunConfig) -> Any:
         )
     except OSError as error:
         kind = "image processor" if config.task == "image-classification" else "tokenizer"
+        fix = "check that the model suits the task, or set task to match the model."
+        if _hub_unreachable(error):
+            fix = (
+                "check the Hub id and the network (HF_HUB_OFFLINE must be unset), or give a local save_pretrained "
+                "folder of the model."
+            )
         raise ConfigError([ConfigIssue(
-            "model.name_or_path", config.model.name_or_path, f"no {kind} could be loaded for {config.task}: {error}",
-            "check that the model suits the task, or set task to match the model.",
+            "model.name_or_path", config.model.name_or_path, f"no {kind} could be loaded for {config.task}: {error}", fix,
         )]) from None
+
+
+def _hub_unreachable(error: BaseException) -> bool:
+    # transformers wraps huggingface_hub's LocalEntryNotFoundError (offline mode or no connection, and the files
+    # not in the cache) in a plain OSError, so the cause chain tells a network failure from a missing processor.
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, LocalEntryNotFoundError):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def check_model_source(name_or_path: str) -> None:

@@ -220,3 +220,17 @@ def test_predict_rejects_non_images(tmp_path):
     assert f"{folder} (a folder, not an image file)" in completed.stderr
     assert "Traceback" not in completed.stderr
     assert completed.stdout == ""
+
+
+def test_unreachable_hub_model_names_network(tmp_path):
+    from finetune.config import ConfigError, validate_config
+    from finetune.models import load_processor
+
+    config = validate_config({
+        "task": "text-classification", "model": {"name_or_path": "someone/not-cached-model"},
+        "data": {"train": str(tmp_path / "train.csv")},
+    })
+    with pytest.raises(ConfigError) as raised:
+        load_processor(config)
+    # conftest.py sets HF_HUB_OFFLINE=1, so the Hub is unreachable here, as on a host without network.
+    assert "HF_HUB_OFFLINE must be unset" in raised.value.issues[0].fix
