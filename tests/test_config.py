@@ -263,6 +263,18 @@ def test_override_invalid_value(tmp_path):
 # Files
 
 
+def test_folder_as_config(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder, not a YAML file"):
+        load_config(tmp_path)
+
+
+def test_non_utf8_config(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("task: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text \\(invalid continuation byte at byte 9\\)"):
+        load_config(path)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
         load_config(tmp_path / "absent.yaml")

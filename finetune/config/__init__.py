@@ -84,10 +84,16 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     Raises `ConfigError` listing every problem (file, YAML, overrides and schema) in one message.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError([ConfigIssue("config", str(path), "is a folder, not a YAML file.", "give the config file's path.")])
     if not path.is_file():
         raise ConfigError([ConfigIssue("config", str(path), "file not found.", "check the path.")])
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError([ConfigIssue(
+            "config", str(path), f"is not UTF-8 text ({error.reason} at byte {error.start}).", "save it as UTF-8."
+        )]) from None
     except yaml.YAMLError as error:
         raise ConfigError([ConfigIssue("config", str(path), f"is not valid YAML: {error}", "fix the YAML syntax.")]) from None
     if not isinstance(raw, dict):
