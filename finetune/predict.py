@@ -17,6 +17,8 @@ from .log import get_logger, setup_logging
 logger = get_logger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# Weight files that transformers' from_pretrained reads from a folder, single or sharded.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def detect_task(model_dir: str | os.PathLike) -> str:
@@ -36,6 +38,12 @@ class Predictor:
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{self.model_dir} is not a model folder (no config.json); give an export folder")
+        if not any((self.model_dir / name).is_file() for name in WEIGHT_FILES):
+            # Without this check the pipeline reports one traceback per model class it tried, screens long.
+            raise FileNotFoundError(
+                f"{self.model_dir} has a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}); "
+                "give a complete export folder, or run the training again to write it"
+            )
         self.task = detect_task(self.model_dir)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         # trust_remote_code stays off: an exported folder needs no code of its own.
@@ -70,7 +78,12 @@ def _read_inputs(args: argparse.Namespace, task: str) -> list[str]:
     if args.file:
         if not Path(args.file).is_file():
             raise FileNotFoundError(f"--file {args.file}: file not found. Fix: give a text file with one input per line.")
-        lines = Path(args.file).read_text(encoding="utf-8").splitlines()
+        try:
+            lines = Path(args.file).read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"--file {args.file}: not UTF-8 text ({error.reason} at byte {error.start}). Fix: save it as UTF-8."
+            ) from None
         inputs += [line for line in lines if line.strip()]
     if not inputs:
         raise ValueError("no inputs: give texts or image paths as arguments, or --file with one per line")

@@ -234,3 +234,22 @@ def test_unreachable_hub_model_names_network(tmp_path):
         load_processor(config)
     # conftest.py sets HF_HUB_OFFLINE=1, so the Hub is unreachable here, as on a host without network.
     assert "HF_HUB_OFFLINE must be unset" in raised.value.issues[0].fix
+
+
+def test_predict_export_without_weights(trained, tmp_path):
+    folder = tmp_path / "partial"
+    folder.mkdir()
+    (folder / "config.json").write_text((trained["export"] / "config.json").read_text())
+    completed = run_predict(str(folder), TEXTS[0])
+    assert completed.returncode == 2
+    assert f"{folder} has a config.json but no weights (model.safetensors or pytorch_model.bin)" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_predict_non_utf8_file(trained, tmp_path):
+    inputs = tmp_path / "latin1.txt"
+    inputs.write_bytes("caf\xe9\n".encode("latin-1"))
+    completed = run_predict(str(trained["export"]), "--file", str(inputs))
+    assert completed.returncode == 2
+    assert f"--file {inputs}: not UTF-8 text (invalid continuation byte at byte 3)" in completed.stderr
+    assert "Traceback" not in completed.stderr
