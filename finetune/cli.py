@@ -27,9 +27,13 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
+    if not argv:
+        # A missing command is a usage error, as argparse treats a missing required argument (exit code 2).
+        print(f"finetune: a command is required.\n\n{_usage()}", file=sys.stderr)
+        return 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"finetune: unknown command {command!r}.\n\n{_usage()}", file=sys.stderr)

@@ -1,0 +1,22 @@
+"""The `finetune` dispatcher: help, a missing command and an unknown command."""
+
+from __future__ import annotations
+
+from finetune.cli import main
+
+
+def test_help_exits_zero(capsys):
+    assert main(["--help"]) == 0
+    assert "usage: finetune COMMAND" in capsys.readouterr().out
+
+
+def test_missing_command_is_usage_error(capsys):
+    assert main([]) == 2
+    error = capsys.readouterr().err
+    assert "finetune: a command is required." in error
+    assert "usage: finetune COMMAND" in error
+
+
+def test_unknown_command_named(capsys):
+    assert main(["trian"]) == 2
+    assert "unknown command 'trian'" in capsys.readouterr().err
