@@ -205,10 +205,20 @@ def _assign_transformers(model: nn.Module) -> dict[str, list[str]]:
 
 
 def _largest_module_list(base: nn.Module) -> tuple[str, nn.ModuleList | None]:
-    # The outermost list wins a tie: Swin's list of stages holds the lists of blocks inside each stage.
+    # Lists of two or more modules come first, because a one-item list is more often a wrapper than the blocks.
+    # A model configured with a single layer has only one-item lists, and its block list is then the largest.
+    for min_length in (2, 1):
+        found = _largest_module_list_of(base, min_length)
+        if found[1] is not None:
+            return found
+    return "", None
+
+
+def _largest_module_list_of(base: nn.Module, min_length: int) -> tuple[str, nn.ModuleList | None]:
+    # The outermost list wins a tie: Swin's list of stages contains the lists of blocks inside each stage.
     best_name, best, best_count = "", None, 0
     for name, module in base.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1:
+        if isinstance(module, nn.ModuleList) and len(module) >= min_length:
             count = sum(parameter.numel() for parameter in module.parameters())
             if count > best_count:
                 best_name, best, best_count = name, module, count

@@ -134,6 +134,18 @@ def test_peft_model_keeps_wrapper_names():
     assert any("lora_A" in name for name, _ in groups[1].parameters)
 
 
+def test_single_layer_vit_groups():
+    model = T.ViTForImageClassification(T.ViTConfig(**{**VIT, "num_hidden_layers": 1}))
+    names = [group.name for group in discover_layer_groups(model)]
+    assert names == ["embeddings", "layers.0", "neck", "head"]
+
+
+def test_single_layer_bert_groups():
+    model = T.BertForSequenceClassification(T.BertConfig(**{**TEXT, "num_hidden_layers": 1}))
+    names = [group.name for group in discover_layer_groups(model)]
+    assert names == ["embeddings", "encoder.layer.0", "neck", "head"]
+
+
 def test_patterns_override_discovery():
     model = T.BertForSequenceClassification(T.BertConfig(**TEXT))
     patterns = [
