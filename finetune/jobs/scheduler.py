@@ -143,7 +143,10 @@ class Scheduler:
         if finished is None:
             return
         detail = f": {finished.failure_reason}" if finished.failure_reason else ""
-        logger.info("job %d exited with code %s, now %s%s", job.id, finished.exit_code, finished.status.value, detail)
+        # A process killed by a signal, or one that ended while no scheduler watched it, leaves no exit code.
+        ending = "ended without an exit code" if finished.exit_code is None else f"exited with code {finished.exit_code}"
+        log = logger.info if finished.status in (JobStatus.COMPLETED, JobStatus.STOPPED) else logger.warning
+        log("job %d %s, now %s%s", job.id, ending, finished.status.value, detail)
 
     def _enforce_stop_timeout(self, job: Job, process, now: float) -> None:
         if job.status != JobStatus.STOPPING or job.stop_requested_at is None:
