@@ -165,3 +165,29 @@ def make_png(path: Path) -> Path:
 
     Image.new("RGB", (48, 40), (200, 80, 40)).save(path)
     return path
+
+
+def test_delete_asks_first(server, page):
+    from gradio_client import Client
+
+    from test_webapp import job_id_from, tiny_job_yaml
+
+    client = Client(server.url, verbose=False)
+    text = tiny_job_yaml(server.model_root / "tiny-bert", server.data_root / "reviews.csv", name="to-delete")
+    job_id = job_id_from(client.predict(text, api_name="/launch")[-2])
+    # A running job cannot be deleted; job_follow returns once the tiny job has ended.
+    client.predict(job_id, api_name="/job_follow")
+
+    page.goto(server.url)
+    page.get_by_role("tab", name="Jobs").click()
+    choose(page, "job-select", "to-delete")
+    page.once("dialog", lambda dialog: dialog.dismiss())
+    page.locator("#job-delete").click()
+    expect_text(page, "job-action-status", f"Job {job_id} was not deleted")
+    assert (server.workspace / "runs" / job_id).exists()
+
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.locator("#job-delete").click()
+    expect_text(page, "job-action-status", f"Job {job_id} and its run folder deleted")
+    shot(page, "8-job-deleted")
+    assert not (server.workspace / "runs" / job_id).exists()

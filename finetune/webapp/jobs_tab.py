@@ -24,6 +24,10 @@ REFRESH_SECONDS = 2.0
 LOG_TAIL_LINES = 40
 TABLE_HEADERS = ["id", "name", "status", "progress", "ETA", "stage", "best metric", "created"]
 FINAL = ("completed", "stopped", "failed", "cancelled")
+# Runs in the page before the delete handler and replaces its inputs: the job id and the user's answer.
+CONFIRM_DELETE_JS = """(jobId, confirmed) => [
+  jobId, jobId ? window.confirm(`Delete job ${jobId} and its run folder (checkpoints, logs, export)?`) : false
+]"""
 
 
 def build_jobs_tab(settings: AppSettings, service: JobService) -> None:
@@ -54,9 +58,13 @@ def build_jobs_tab(settings: AppSettings, service: JobService) -> None:
                concurrency_limit=4, concurrency_id="jobs-refresh")
     selected.change(refresh, [selected, gr.State(None)], outputs, show_progress="hidden", api_visibility="private")
     table.select(_job_from_row, table, selected, api_visibility="private")
-    for button, action in ((stop_button, "stop"), (resume_button, "resume"), (clone_button, "clone"),
-                           (delete_button, "delete")):
+    for button, action in ((stop_button, "stop"), (resume_button, "resume"), (clone_button, "clone")):
         button.click(_action_handler(service, action), selected, action_status, api_name=f"job_{action}")
+    # Delete removes the run folder, so the browser asks first. API clients skip the dialog: `confirmed` keeps
+    # its default True there, because the JavaScript runs only in the page.
+    confirmed = gr.Checkbox(True, visible=False)
+    delete_button.click(_delete_handler(service), [selected, confirmed], action_status, api_name="job_delete",
+                        js=CONFIRM_DELETE_JS)
     download_button.click(lambda job_id: zip_job_export(service, settings, job_id), selected, [download, action_status],
                           api_name="job_export_zip")
     def follow(job_id):
@@ -143,6 +151,17 @@ def _action_handler(service: JobService, action: str):
             # The job service raises these for an unknown id or an action that does not fit the status.
             logger.info("job %s: %s failed: %s", job_id, action, error)
             return f"**Error:** {action} failed for job {job_id}: {error}"
+
+    return handle
+
+
+def _delete_handler(service: JobService):
+    delete = _action_handler(service, "delete")
+
+    def handle(job_id: str | None, confirmed: bool = True) -> str:
+        if job_id and not confirmed:
+            return f"Job {job_id} was not deleted."
+        return delete(job_id)
 
     return handle
 
