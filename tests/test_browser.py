@@ -167,7 +167,7 @@ def make_png(path: Path) -> Path:
     return path
 
 
-def test_delete_asks_first(server, page):
+def test_delete_needs_confirmation(server, page):
     from gradio_client import Client
 
     from test_webapp import job_id_from, tiny_job_yaml

@@ -24,7 +24,7 @@ REFRESH_SECONDS = 2.0
 LOG_TAIL_LINES = 40
 TABLE_HEADERS = ["id", "name", "status", "progress", "ETA", "stage", "best metric", "created"]
 FINAL = ("completed", "stopped", "failed", "cancelled")
-# Runs in the page before the delete handler and replaces its inputs: the job id and the user's answer.
+# Runs in the page before the delete handler and replaces its inputs with the job id and the user's choice.
 CONFIRM_DELETE_JS = """(jobId, confirmed) => [
   jobId, jobId ? window.confirm(`Delete job ${jobId} and its run folder (checkpoints, logs, export)?`) : false
 ]"""
@@ -60,7 +60,7 @@ def build_jobs_tab(settings: AppSettings, service: JobService) -> None:
     table.select(_job_from_row, table, selected, api_visibility="private")
     for button, action in ((stop_button, "stop"), (resume_button, "resume"), (clone_button, "clone")):
         button.click(_action_handler(service, action), selected, action_status, api_name=f"job_{action}")
-    # Delete removes the run folder, so the browser asks first. API clients skip the dialog: `confirmed` keeps
+    # Delete removes the run folder, so the browser shows a confirmation dialog first. API clients skip the dialog: `confirmed` keeps
     # its default True there, because the JavaScript runs only in the page.
     confirmed = gr.Checkbox(True, visible=False)
     delete_button.click(_delete_handler(service), [selected, confirmed], action_status, api_name="job_delete",
