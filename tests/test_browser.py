@@ -167,7 +167,9 @@ def make_png(path: Path) -> Path:
     return path
 
 
-def test_delete_needs_confirmation(server, page):
+@pytest.fixture(scope="module")
+def finished_job(server) -> str:
+    """Launch a tiny job named `to-delete` through the API and return its id once it has ended."""
     from gradio_client import Client
 
     from test_webapp import job_id_from, tiny_job_yaml
@@ -177,7 +179,22 @@ def test_delete_needs_confirmation(server, page):
     job_id = job_id_from(client.predict(text, api_name="/launch")[-2])
     # A running job cannot be deleted; job_follow returns once the tiny job has ended.
     client.predict(job_id, api_name="/job_follow")
+    return job_id
 
+
+def test_edit_as_new_fills_train_tab(server, page, finished_job):
+    page.goto(server.url)
+    page.get_by_role("tab", name="Jobs").click()
+    choose(page, "job-select", "to-delete")
+    page.locator("#job-edit").click()
+    expect_text(page, "yaml-editor", r"name: to-delete")
+    playwright_api.expect(page.locator("#field-name").locator("input, textarea").first).to_have_value("to-delete")
+    playwright_api.expect(page.locator("#yaml-editor")).not_to_contain_text("run_dir")
+    shot(page, "8-edit-as-new")
+
+
+def test_delete_needs_confirmation(server, page, finished_job):
+    job_id = finished_job
     page.goto(server.url)
     page.get_by_role("tab", name="Jobs").click()
     choose(page, "job-select", "to-delete")
@@ -189,5 +206,5 @@ def test_delete_needs_confirmation(server, page):
     page.once("dialog", lambda dialog: dialog.accept())
     page.locator("#job-delete").click()
     expect_text(page, "job-action-status", f"Job {job_id} and its run folder deleted")
-    shot(page, "8-job-deleted")
+    shot(page, "9-job-deleted")
     assert not (server.workspace / "runs" / job_id).exists()

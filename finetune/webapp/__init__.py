@@ -29,14 +29,15 @@ def build_app(settings: AppSettings, service=None):
     service = service or JobService(settings)
     with gr.Blocks(title="finetune") as app:
         gr.Markdown(f"# finetune\nWorkspace `{settings.workspace}`")
-        with gr.Tab("Train", id="train"):
-            build_train_tab(settings, service)
-        with gr.Tab("Jobs", id="jobs"):
-            build_jobs_tab(settings, service)
-        with gr.Tab("Try", id="try"):
-            build_try_tab(settings, service)
-        with gr.Tab("Compare", id="compare") as compare_tab:
-            build_compare_tab(settings, service, compare_tab)
+        with gr.Tabs() as tabs:
+            with gr.Tab("Train", id="train"):
+                editor, form_inputs = build_train_tab(settings, service)
+            with gr.Tab("Jobs", id="jobs"):
+                build_jobs_tab(settings, service, edit_target=(tabs, editor, form_inputs))
+            with gr.Tab("Try", id="try"):
+                build_try_tab(settings, service)
+            with gr.Tab("Compare", id="compare") as compare_tab:
+                build_compare_tab(settings, service, compare_tab)
     app.finetune_service = service  # kept so callers can stop the scheduler
     return app
 

@@ -17,6 +17,7 @@ from ..log import get_logger
 from . import plots, runs
 from .service import JobService, JobView
 from .settings import AppSettings
+from .train_tab import sync_yaml_to_form
 
 logger = get_logger(__name__)
 
@@ -30,8 +31,12 @@ CONFIRM_DELETE_JS = """(jobId, confirmed) => [
 ]"""
 
 
-def build_jobs_tab(settings: AppSettings, service: JobService) -> None:
-    """Lay out the Jobs tab inside the current `gr.Blocks` and wire its events."""
+def build_jobs_tab(settings: AppSettings, service: JobService, edit_target: tuple | None = None) -> None:
+    """Lay out the Jobs tab inside the current `gr.Blocks` and wire its events.
+
+    `edit_target` is `(tabs, editor, form_inputs)` of the Train tab: "Edit as new" copies the selected job's
+    config there and switches to it. Without it the button is left out.
+    """
     timer = gr.Timer(REFRESH_SECONDS)
     table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, label="jobs", elem_id="jobs-table")
     with gr.Row():
@@ -39,6 +44,7 @@ def build_jobs_tab(settings: AppSettings, service: JobService) -> None:
         stop_button = gr.Button("Stop", elem_id="job-stop", scale=1)
         resume_button = gr.Button("Resume", elem_id="job-resume", scale=1)
         clone_button = gr.Button("Clone", elem_id="job-clone", scale=1)
+        edit_button = gr.Button("Edit as new", elem_id="job-edit", scale=1, visible=edit_target is not None)
         delete_button = gr.Button("Delete", variant="stop", elem_id="job-delete", scale=1)
         download_button = gr.Button("Zip export", elem_id="job-download", scale=1)
     action_status = gr.Markdown(elem_id="job-action-status")
@@ -65,6 +71,10 @@ def build_jobs_tab(settings: AppSettings, service: JobService) -> None:
     confirmed = gr.Checkbox(True, visible=False)
     delete_button.click(_delete_handler(service), [selected, confirmed], action_status, api_name="job_delete",
                         js=CONFIRM_DELETE_JS)
+    if edit_target is not None:
+        tabs, editor, form_inputs = edit_target
+        edit_button.click(_edit_handler(service, len(form_inputs)), selected, [tabs, editor, *form_inputs, action_status],
+                          api_visibility="private")
     download_button.click(lambda job_id: zip_job_export(service, settings, job_id), selected, [download, action_status],
                           api_name="job_export_zip")
     def follow(job_id):
@@ -151,6 +161,22 @@ def _action_handler(service: JobService, action: str):
             # The job service raises these for an unknown id or an action that does not fit the status.
             logger.info("job %s: %s failed: %s", job_id, action, error)
             return f"**Error:** {action} failed for job {job_id}: {error}"
+
+    return handle
+
+
+def _edit_handler(service: JobService, field_count: int):
+    def handle(job_id: str | None) -> list:
+        unchanged = [gr.skip()] * (2 + field_count)
+        if not job_id:
+            return [*unchanged, "Select a job first."]
+        try:
+            text = service.config_for_new_job(job_id)
+        except (KeyError, ValueError) as error:
+            logger.info("job %s: edit as new failed: %s", job_id, error)
+            return [*unchanged, f"**Error:** cannot copy the config of job {job_id}: {error}"]
+        message = f"Copied the config of job {job_id} into the Train tab; edit it, then Validate and Launch."
+        return [gr.Tabs(selected="train"), text, *sync_yaml_to_form(text), message]
 
     return handle
 

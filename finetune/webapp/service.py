@@ -106,6 +106,19 @@ class JobService:
         job = self.workspace.clone(job_id)
         return f"Job {job_id} cloned as job {job.id} (queued)."
 
+    def config_for_new_job(self, job_id: str) -> str:
+        """Return the job's config as YAML for the Train tab, without the keys the app sets for each job."""
+        from . import configform
+
+        raw = configform.parse_yaml(self.workspace.get(job_id).config)
+        for section, key in (("output", "run_dir"), ("checkpoint", "resume")):
+            values = raw.get(section)
+            if isinstance(values, dict):
+                values.pop(key, None)
+                if not values:
+                    raw.pop(section)
+        return configform.dump_yaml(raw)
+
     def delete(self, job_id: str) -> str:
         self.workspace.delete(job_id)
         return f"Job {job_id} and its run folder deleted."

@@ -22,8 +22,9 @@ logger = get_logger(__name__)
 SCHEDULE_KEYS = ("model.name_or_path", "schedule.preset", "training.learning_rate", "training.num_train_epochs")
 
 
-def build_train_tab(settings: AppSettings, service: JobService) -> None:
-    """Lay out the Train tab inside the current `gr.Blocks` and wire its events."""
+def build_train_tab(settings: AppSettings, service: JobService) -> tuple[gr.Code, list[gr.components.Component]]:
+    """Lay out the Train tab inside the current `gr.Blocks`, wire its events, and return the YAML editor and
+    the form's inputs (in `configform.FORM_KEYS` order), which the Jobs tab fills to edit a job as a new one."""
     backbones = backbone_choices(settings)
     start = configform.default_config(backbone=backbones[0][1] if backbones else "")
     with gr.Row():
@@ -43,6 +44,7 @@ def build_train_tab(settings: AppSettings, service: JobService) -> None:
     schedule_plot = gr.Plot(label="schedule stages", elem_id="schedule-plot")
     _wire(settings, service, inputs, errors, editor, other_errors, status, schedule_plot,
           (upload, validate_button, launch_button))
+    return editor, inputs
 
 
 def _build_form(start: dict, backbones: list[tuple[str, str]]) -> tuple[list[gr.components.Component], list[gr.Markdown]]:
