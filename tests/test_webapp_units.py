@@ -322,6 +322,19 @@ def test_curves_figure_marks_stages():
     assert len(loss_axes.lines) == 3  # train loss, validation loss, one stage boundary at step 2
 
 
+def test_curves_figure_names_empty_panels():
+    events = [{"event": "train", "step": 1, "loss": 0.7, "learning_rate": 1e-3}]
+    figure = plots.curves_figure({"run": events})
+    notes = [[text.get_text() for text in axes.texts] for axes in figure.axes]
+    assert notes == [[], ["no validation yet"], []]
+
+
+def test_curves_figure_without_events():
+    figure = plots.curves_figure({"run": []})
+    notes = [[text.get_text() for text in axes.texts] for axes in figure.axes]
+    assert notes == [["no loss logged yet"], ["no validation yet"], ["no learning rate logged yet"]]
+
+
 def test_confusion_figure_counts():
     figure = plots.confusion_figure(["a", "a", "b"], ["a", "b", "b"], ["a", "b"])
     texts = sorted(text.get_text() for text in figure.axes[0].texts)

@@ -29,10 +29,11 @@ def curves_figure(runs: dict[str, list[dict]], metric: str = "accuracy") -> Figu
     figure = Figure(figsize=(11, 3.4), layout="constrained")
     loss_axes, metric_axes, rate_axes = figure.subplots(1, 3)
     colours = matplotlib.colormaps["tab10"].colors
+    filled: set = set()
     for index, (label, events) in enumerate(runs.items()):
         colour = colours[index % len(colours)]
         prefix = f"{label} " if len(runs) > 1 else ""
-        _plot_run(events, metric, colour, prefix, (loss_axes, metric_axes, rate_axes))
+        filled |= _plot_run(events, metric, colour, prefix, (loss_axes, metric_axes, rate_axes))
     loss_axes.set_title("loss")
     metric_axes.set_title(f"validation {metric}")
     rate_axes.set_title("learning rate (top group)")
@@ -41,34 +42,46 @@ def curves_figure(runs: dict[str, list[dict]], metric: str = "accuracy") -> Figu
         axes.grid(alpha=0.3)
         if axes.get_legend_handles_labels()[0]:
             axes.legend(fontsize=7)
-    if not any(runs.values()):
-        loss_axes.text(0.5, 0.5, "no metrics yet", ha="center", va="center", transform=loss_axes.transAxes)
+    # Each empty panel names the data it is waiting for. Train events come every training.logging_steps steps
+    # and validation events at each evaluation, so a young run can fill one panel before the others.
+    waiting = {loss_axes: "no loss logged yet", metric_axes: "no validation yet", rate_axes: "no learning rate logged yet"}
+    for axes, note in waiting.items():
+        if axes not in filled:
+            axes.text(0.5, 0.5, note, ha="center", va="center", transform=axes.transAxes, color="0.4")
     return figure
 
 
-def _plot_run(events: list[dict], metric: str, colour, prefix: str, axes: tuple) -> None:
+def _plot_run(events: list[dict], metric: str, colour, prefix: str, axes: tuple) -> set:
+    """Draw one run's curves and stage lines, and return the axes that received a curve."""
     loss_axes, metric_axes, rate_axes = axes
+    filled = set()
     train = [event for event in events if event.get("event") == "train" and _finite(event.get("loss"))]
     evals = [event for event in events if event.get("event") == "eval" and event.get("split") == "validation"]
     if train:
         loss_axes.plot([e["step"] for e in train], [e["loss"] for e in train], color=colour, alpha=0.6,
                        label=f"{prefix}train")
-        rates = [e for e in train if _finite(e.get("learning_rate"))]
+        filled.add(loss_axes)
+    rates = [e for e in train if _finite(e.get("learning_rate"))]
+    if rates:
         rate_axes.plot([e["step"] for e in rates], [e["learning_rate"] for e in rates], color=colour, label=prefix.strip() or None)
+        filled.add(rate_axes)
     val_loss = [e for e in evals if _finite(e.get("loss"))]
     if val_loss:
         loss_axes.plot([e["step"] for e in val_loss], [e["loss"] for e in val_loss], "o-", color=colour,
                        label=f"{prefix}validation")
+        filled.add(loss_axes)
     val_metric = [e for e in evals if _finite(e.get(metric))]
     if val_metric:
         metric_axes.plot([e["step"] for e in val_metric], [e[metric] for e in val_metric], "o-", color=colour,
                          label=prefix.strip() or None)
+        filled.add(metric_axes)
     for event in events:
         if event.get("event") == "stage" and event.get("step", 0) > 0:
             for subplot in axes:
                 subplot.axvline(event["step"], color=colour, linestyle="--", linewidth=0.8, alpha=0.7)
             loss_axes.annotate(str(event.get("name", event.get("stage"))), (event["step"], 1.0),
                                xycoords=("data", "axes fraction"), fontsize=7, rotation=90, va="top", ha="right")
+    return filled
 
 
 def _finite(value) -> bool:
