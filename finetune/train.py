@@ -11,6 +11,7 @@ with its loss averaged over the micro-batches it has, and the LR scheduler is si
 from __future__ import annotations
 
 import argparse
+import fcntl  # NOTE: POSIX only, as are the Docker image and the signal handling this engine relies on.
 import json
 import math
 import os
@@ -56,6 +57,8 @@ logger = get_logger(__name__)
 # Misclassified validation images, saved as PNG in the run folder (relative to it) for the app's gallery.
 MISCLASSIFIED_DIR = "misclassified"
 MAX_MISCLASSIFIED_IMAGES = 48
+# Lock file in the run folder, held by the main process while it trains; it contains that process id.
+RUN_DIR_LOCK_FILE = ".lock"
 
 
 @dataclass
@@ -131,6 +134,10 @@ class FineTuneRecipe:
         stop_request = getattr(self, "stop_request", None)
         if stop_request is not None:
             stop_request.restore()
+        run_dir_lock = getattr(self, "_run_dir_lock", None)
+        if run_dir_lock is not None:
+            run_dir_lock.close()  # closing the file releases the lock
+            self._run_dir_lock = None
         accelerator = getattr(self, "accelerator", None)
         if accelerator is not None:
             accelerator.end_training()
@@ -169,6 +176,7 @@ class FineTuneRecipe:
         # all of them instead of leaving the others waiting at the barrier below.
         _make_run_dir(self.run_dir)
         if self.is_main:
+            self._run_dir_lock = _lock_run_dir(self.run_dir)
             self.config_changes = _config_changes(self.run_dir / runlog.CONFIG_FILE, self.config)
             save_config(self.config, self.run_dir / runlog.CONFIG_FILE)
             setup_logging(self.run_dir / runlog.LOG_FILE)
@@ -750,6 +758,32 @@ def _make_run_dir(run_dir: Path) -> None:
             "output.run_dir", str(run_dir), f"cannot be created ({type(error).__name__}: {error.strerror}).",
             "choose a writable folder path that is not an existing file.",
         )]) from error
+
+
+def _lock_run_dir(run_dir: Path):
+    """Take an exclusive lock on `run_dir/.lock` and return the open file that holds it.
+
+    A second run in the same folder would resume from the first one's live checkpoints, prune them and mix
+    both runs' events in metrics.jsonl. The OS drops the lock when the process ends, even on SIGKILL.
+    """
+    handle = open(run_dir / RUN_DIR_LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        from .config import ConfigIssue
+
+        raise ConfigError([ConfigIssue(
+            "output.run_dir", str(run_dir), f"is in use by another training run (process {owner}).",
+            "wait for that run to end or stop it, or choose another output.run_dir.",
+        )]) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def _unknown_metric_issue(name: str, metrics: dict):

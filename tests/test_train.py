@@ -333,6 +333,27 @@ def test_run_dir_on_file_rejected(tmp_path, model_dir):
     assert "Traceback" not in completed.stderr
 
 
+def test_run_dir_in_use_rejected(tmp_path, model_dir):
+    import fcntl
+
+    config = tiny_config(tmp_path, model={"name_or_path": str(model_dir)})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # This test process stands in for a run that is still training in the folder.
+    with open(run_dir / ".lock", "a+", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("4242\n")
+        lock.flush()
+        completed = run_cli("train", str(path))
+
+    assert completed.returncode == 2
+    assert "is in use by another training run (process 4242)" in completed.stderr
+    assert not (run_dir / "config.yaml").exists()
+    assert run_cli("train", str(path)).returncode == 0
+
+
 def test_cli_lists_every_config_error(tmp_path, model_dir):
     config = tiny_config(tmp_path, model={"name_or_path": str(model_dir)})
     config["training"].update(learnig_rate=1e-3, num_train_epochs=0, lr_scheduler_type="cosin")
