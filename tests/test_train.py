@@ -341,7 +341,7 @@ def test_run_dir_in_use_rejected(tmp_path, model_dir):
     path.write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    # This test process stands in for a run that is still training in the folder.
+    # This test process acts as a run that is still training in the folder.
     with open(run_dir / ".lock", "a+", encoding="utf-8") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         lock.write("4242\n")
