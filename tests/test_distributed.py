@@ -156,6 +156,6 @@ def test_two_process_main_writes_once(two_process_run):
     assert len(events_of(events, "run_end")) == 1
     assert events_of(events, "run_end")[0]["status"] == "completed"
     assert sorted(path.name for path in two_process_run["run_dir"].iterdir()) == sorted(
-        [runlog.CONFIG_FILE, runlog.METRICS_FILE, runlog.LOG_FILE, runlog.CHECKPOINTS_DIR, runlog.EXPORT_DIR]
+        [runlog.CONFIG_FILE, runlog.METRICS_FILE, runlog.LOG_FILE, runlog.CHECKPOINTS_DIR, runlog.EXPORT_DIR, ".lock"]
     )
     assert (two_process_run["run_dir"] / runlog.EXPORT_DIR / "config.json").is_file()
