@@ -39,9 +39,12 @@ class _ProgressAwareHandler(logging.StreamHandler):
 
 
 def get_logger(name: str) -> RankAwareLogger:
-    """Return the rank-aware logger `name`; a module run as `__main__` logs as `finetune.__main__`."""
+    """Return the rank-aware logger `name`. A module run with `python -m` logs under its module name."""
     if name == "__main__":
-        name = "finetune.__main__"
+        # `python -m finetune.train` (and `accelerate launch -m`) name the module __main__, but its spec keeps the
+        # real name. A plain script has no spec and logs as finetune.__main__, inside the package's handlers.
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        name = spec.name if spec is not None and spec.name.startswith("finetune.") else "finetune.__main__"
     return RankAwareLogger(logging.getLogger(name), {})
 
 
