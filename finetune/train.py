@@ -357,6 +357,10 @@ class FineTuneRecipe:
             self.early_stopping.load_state_dict(self.state.early_stopping)
             logger.info("Resumed from %s at step %d (epoch %d, micro-batch %d)", self.resumed_from,
                         self.state.global_step, self.state.epoch + 1, self.state.micro_batches_done)
+            if self.state.global_step >= self.total_steps:
+                logger.warning("The checkpoint is at step %d, but this run ends at step %d, so no training step "
+                               "runs. Fix: raise training.max_steps or training.num_train_epochs to train further.",
+                               self.state.global_step, self.total_steps)
 
     def _set_aside_previous_run(self) -> None:
         """Move an earlier run's checkpoints, metrics and export into `previous-<time>/`, so a fresh start never
@@ -698,7 +702,8 @@ class FineTuneRecipe:
 
     def _log_stage(self, change: dict) -> None:
         rates = ", ".join(f"{name} {rate:.2e}" for name, rate in change["learning_rates"].items())
-        logger.info("Stage %d (%s) from step %d: %d trainable parameters in %s; learning rates: %s",
+        # The rates are those of this first step. A newly unfrozen group with a warm-up starts low and rises.
+        logger.info("Stage %d (%s) from step %d: %d trainable parameters in %s. Learning rates at this step: %s",
                     change["stage"], change["name"], self.state.global_step, change["trainable_parameters"],
                     ", ".join(change["trainable_groups"]) or "no group", rates)
         self._write_event("stage", **change)
