@@ -78,6 +78,16 @@ def test_missing_column_lists_available(tmp_path):
     assert "Available columns: text, label" in str(error.value)
 
 
+def test_semicolon_csv_gets_delimiter_hint(tmp_path):
+    path = tmp_path / "a.csv"
+    pd.DataFrame(review_rows(20, ["x", "y"])).to_csv(path, index=False, sep=";")
+    config = make_config(train=str(path))
+    with pytest.raises(DataError) as error:
+        preflight_text(config)
+    assert "'text', 'label' not found" in str(error.value)
+    assert "separated by semicolons" in str(error.value)
+
+
 def test_missing_label_column_named(tmp_path):
     config = make_config(train=write_csv(tmp_path / "a.csv", review_rows(20, ["x", "y"])), label_column="category")
     with pytest.raises(DataError, match="'category' not found"):

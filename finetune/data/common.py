@@ -198,8 +198,20 @@ def check_columns(splits: datasets.DatasetDict, columns: list[str]) -> None:
             raise DataError(
                 f"column {', '.join(repr(c) for c in missing)} not found in the {split} data. "
                 f"Available columns: {', '.join(dataset.column_names)}. Fix: set data.text_column / "
-                "data.text_pair_column / data.label_column to one of them."
+                "data.text_pair_column / data.label_column to one of them." + _delimiter_hint(dataset.column_names)
             )
+
+
+def _delimiter_hint(column_names: list[str]) -> str:
+    # A semicolon- or tab-separated file read as CSV gives one column whose name still contains the separators.
+    fixes = {";": ("semicolons", "save it with commas"), "\t": ("tabs", "save it with commas, or name it .tsv")}
+    if len(column_names) != 1:
+        return ""
+    for separator, (name, fix) in fixes.items():
+        if separator in column_names[0]:
+            return (f" The file has one column whose name contains {name}, so its fields are probably separated "
+                    f"by {name}, not commas. Fix: {fix}.")
+    return ""
 
 
 def encode_labels(
