@@ -31,19 +31,24 @@ def detect_task(model_dir: str | os.PathLike) -> str:
     return "image-classification" if "ImageClassification" in architectures else "text-classification"
 
 
+def check_model_folder(model_dir: Path) -> None:
+    """Raise `FileNotFoundError` unless `model_dir` has a config.json and weights that from_pretrained reads."""
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a model folder (no config.json); give an export folder")
+    if not any((model_dir / name).is_file() for name in WEIGHT_FILES):
+        # Without this check the pipeline reports one traceback per model class it tried, screens long.
+        raise FileNotFoundError(
+            f"{model_dir} has a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}); "
+            "give a complete export folder, or run the training again to write it"
+        )
+
+
 class Predictor:
     """A loaded classifier: `predict(inputs, top_k)` for texts, or images (PIL images or file paths)."""
 
     def __init__(self, model_dir: str | os.PathLike, device: str | None = None):
         self.model_dir = Path(model_dir)
-        if not (self.model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{self.model_dir} is not a model folder (no config.json); give an export folder")
-        if not any((self.model_dir / name).is_file() for name in WEIGHT_FILES):
-            # Without this check the pipeline reports one traceback per model class it tried, screens long.
-            raise FileNotFoundError(
-                f"{self.model_dir} has a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}); "
-                "give a complete export folder, or run the training again to write it"
-            )
+        check_model_folder(self.model_dir)
         self.task = detect_task(self.model_dir)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         # trust_remote_code stays off: an exported folder needs no code of its own.
@@ -121,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"argument --top-k: {args.top_k} is below 1; give the number of classes to print, 1 or more")
     setup_logging()
     try:
+        # Inputs are checked before the model loads, so a typo in a path costs no loading time.
+        check_model_folder(Path(args.model_dir))
+        inputs = _read_inputs(args, detect_task(args.model_dir))
         predictor = Predictor(args.model_dir)
-        inputs = _read_inputs(args, predictor.task)
     except (FileNotFoundError, ValueError, OSError) as error:
         logger.error("%s", error)
         return 2
