@@ -88,6 +88,13 @@ def test_wrong_type_named():
     assert "Passes over the training data" in issue.message
 
 
+def test_section_as_value_named():
+    issue = issues_of(minimal(training=5))["training"]
+    assert issue.value == 5
+    assert "must be a section" in issue.message
+    assert "under `training:`" in issue.fix
+
+
 def test_wrong_choice_named():
     issue = issues_of(minimal(training={"mixed_precision": "fp8"}))["training.mixed_precision"]
     assert issue.value == "fp8"

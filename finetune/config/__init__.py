@@ -212,6 +212,8 @@ def _issues_from_validation(error: ValidationError, raw: dict) -> list[ConfigIss
             issues.append(_unknown_key_issue(location, value))
         elif kind == "missing":
             issues.append(ConfigIssue(key, MISSING, "is required.", f"add `{location[-1]}:` to the config. {_help_for(location)}".strip()))
+        elif kind in ("model_type", "dict_type") and _model_at(location) is not None:
+            issues.append(_section_issue(location, value))
         else:
             # Pydantic's message already states what is expected; the option's meaning helps choose a value.
             described = _help_for([part for part in location if not part.isdigit()])
@@ -230,6 +232,14 @@ def _dedupe(issues: list[ConfigIssue]) -> list[ConfigIssue]:
             seen.add((issue.key, issue.message))
             unique.append(issue)
     return unique
+
+
+def _section_issue(location: list[str], value: Any) -> ConfigIssue:
+    # A section written as one value (`training: 5`). Pydantic reports only "valid dictionary" for it.
+    keys = list(_model_at(location).model_fields)
+    example = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+    return ConfigIssue(".".join(location), value, "must be a section of `key: value` settings, not a single value.",
+                       f"indent its settings ({example}) under `{location[-1]}:` or remove the line.")
 
 
 def _unknown_key_issue(location: list[str], value: Any) -> ConfigIssue:
