@@ -165,17 +165,9 @@ def test_predict_cli_missing_folder(tmp_path):
     assert completed.stdout == ""
 
 
-def test_predict_no_inputs(trained):
-    # The `finetune` logger does not propagate to the root logger, so caplog alone may miss its records.
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("finetune").addHandler(handler)
-    try:
-        code = predict_main([str(trained["export"])])
-    finally:
-        logging.getLogger("finetune").removeHandler(handler)
-    messages = [record.getMessage() for record in records if record.levelno == logging.ERROR]
+def test_predict_no_inputs(trained, finetune_records):
+    code = predict_main([str(trained["export"])])
+    messages = [record.getMessage() for record in finetune_records if record.levelno == logging.ERROR]
     assert code == 2
     assert any("no inputs: give texts or image paths as arguments, or --file" in message for message in messages)
 

@@ -532,15 +532,27 @@ def test_fresh_start_sets_previous_run_aside(tmp_path, model_dir):
     assert events_of(events, "run_start")[0]["resumed_from"] is None
 
 
-def test_resume_warns_about_changed_settings(tmp_path, model_dir, caplog):
+def test_resume_warns_about_changed_settings(tmp_path, model_dir, finetune_records):
     config = tiny_config(tmp_path, model={"name_or_path": str(model_dir)},
                          training__num_train_epochs=1, checkpoint={"save_every_epoch": True, "save_steps": None})
     run_recipe(config)
     changed = merge(config, {"training": {"num_train_epochs": 2, "learning_rate": 5e-4}})
-    with caplog.at_level("WARNING", logger="finetune"):
-        code, events = run_recipe(changed)
-    warnings = [record.getMessage() for record in caplog.records if "changed settings" in record.getMessage()]
+    code, events = run_recipe(changed)
+    warnings = [record.getMessage() for record in finetune_records if "changed settings" in record.getMessage()]
     assert code == 0
     assert events_of(events, "run_start")[-1]["resumed_from"] is not None
     assert len(warnings) == 1
     assert "training.learning_rate: 0.001 -> 0.0005" in warnings[0]
+
+
+def test_resume_past_max_steps_warns(tmp_path, model_dir, finetune_records):
+    config = tiny_config(tmp_path, model={"name_or_path": str(model_dir)},
+                         checkpoint={"save_every_epoch": True, "save_steps": None})
+    run_recipe(config)
+    shorter = merge(config, {"training": {"max_steps": 3}})
+    code, events = run_recipe(shorter)
+    warnings = [record.getMessage() for record in finetune_records if "no training step runs" in record.getMessage()]
+    assert code == 0
+    assert len(warnings) == 1
+    assert "at step 8, but this run ends at step 3" in warnings[0]
+    assert events_of(events, "train")[-1]["step"] == 8
