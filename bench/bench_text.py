@@ -31,7 +31,7 @@ from harness import (
     log_progress,
     machine_description,
     measure,
-    measure_repeats,
+    measure_interleaved,
     ratio_table,
     run_worker,
     throughput,
@@ -226,11 +226,10 @@ def run_cases(args) -> dict:
             csv = write_case_csv(case, scratch, rows=max(BATCH_SIZE * (args.steps + 2), 600))
             precisions = [auto, "no"] if case == "fixed" and auto != "no" else [auto]
             for precision in precisions:
-                rows = {}
-                for system in ("plain", "trainer", "engine"):
-                    rows[system] = measure_repeats(__file__, system, worker_options(csv, precision, args),
-                                                   args.repeats, scratch / f"{case}-{system}-{precision}")
-                    log_progress(f"{case} {precision} {system}: {rows[system]}")
+                rows = measure_interleaved(__file__, ["plain", "trainer", "engine"],
+                                           worker_options(csv, precision, args), args.repeats,
+                                           scratch / f"{case}-{precision}")
+                log_progress(f"{case} {precision}: {rows}")
                 report["cases"][f"{case}/{precision}"] = rows
     return report
 

@@ -35,6 +35,7 @@ from harness import (
     cuda_available,
     log_progress,
     machine_description,
+    measure_interleaved,
     measure_repeats,
     ratio_table,
     run_worker,
@@ -334,11 +335,9 @@ def worker_options(args, data: Path, num_workers: int) -> dict:
 
 
 def systems_case(args, data: Path, scratch: Path) -> dict:
-    rows = {}
-    for system in ("plain", "trainer", "engine"):
-        rows[system] = measure_repeats(__file__, system, worker_options(args, data, args.num_workers), args.repeats,
-                                       scratch / f"systems-{system}")
-        log_progress(f"systems {system}: {rows[system]}")
+    rows = measure_interleaved(__file__, ["plain", "trainer", "engine"], worker_options(args, data, args.num_workers),
+                               args.repeats, scratch / "systems")
+    log_progress(f"systems: {rows}")
     return rows
 
 

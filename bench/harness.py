@@ -135,6 +135,27 @@ def measure_repeats(script: str | os.PathLike, worker: str, options: dict[str, o
     return median_of(runs)
 
 
+def measure_interleaved(script: str | os.PathLike, workers: list[str], options: dict[str, object], repeats: int,
+                        run_dir: Path) -> dict[str, dict]:
+    """Measure each worker `repeats` times in rounds (A B C, A B C, ...) and return the median per worker and key.
+
+    Rounds spread a slow change in machine load over every system, where `measure_repeats` for one system
+    after another would give it all to whichever system runs last. Each median dict also contains `runs`, the
+    samples per second of every run in order, so the spread is visible.
+    """
+    runs: dict[str, list[dict]] = {worker: [] for worker in workers}
+    for index in range(repeats):
+        for worker in workers:
+            result = measure(script, worker, {**options, "run_dir": f"{run_dir}-{worker}-{index}"})
+            runs[worker].append(result)
+            log_progress(f"  round {index + 1}/{repeats} {worker}: {result}")
+    medians = {}
+    for worker, results in runs.items():
+        medians[worker] = median_of(results)
+        medians[worker]["runs"] = [result["samples_per_second"] for result in results]
+    return medians
+
+
 def median_of(results: list[dict]) -> dict:
     """Return the median of each key over `results` (dicts with the same numeric keys)."""
     return {key: statistics.median(result[key] for result in results) for key in results[0]}
