@@ -209,6 +209,32 @@ def test_exit_file_decides_outcome(workspace):
     assert job.exit_code == runlog.EXIT_STOPPED
 
 
+def test_killed_training_reason(workspace):
+    # A SIGKILLed training process leaves no run_end event, and its stderr ends in a tqdm bar and the runner.
+    job = workspace.submit(CONFIG)
+    workspace.store.update(
+        job.id, status=JobStatus.RUNNING, started_at=time.time(), pid=2**22 + 1, pid_create_time=1.0,
+        token=f"{job.id}-test", attempt=1,
+    )
+    record = {"token": f"{job.id}-test", "exit_code": runlog.EXIT_FAILED, "status": "failed"}
+    (job.run_dir / "exit_code.json").write_text(json.dumps(record))
+    bar = "training:  27%|##7       | {}/1500 [00:13<04:45,  3.83step/s, loss=0.0019]"
+    stderr = (
+        bar.format(405) + " " * 8 + "02:02:19 INFO finetune.checkpoint: Saved checkpoint checkpoint-405\n"
+        + bar.format(405) + "\r" + bar.format(406)
+        + "02:02:19 INFO finetune.jobs.runner: runner 1 finished: launcher exit 1, job exit 1 (failed)\n"
+    )
+    (job.run_dir / "stderr.log").write_text(stderr)
+    Scheduler(workspace, max_cpu_jobs=0, gpu_count=0).tick()
+    job = workspace.get(job.id)
+    assert job.status == JobStatus.FAILED
+    assert job.failure_reason == (
+        "exit code 1: the training process ended without recording a run_end event, so it was killed (SIGKILL, "
+        "out of memory) or it crashed. Resume the job to continue from the last checkpoint. Last log line: "
+        f"02:02:19 INFO finetune.checkpoint: Saved checkpoint checkpoint-405 (see {job.run_dir / 'stderr.log'})"
+    )
+
+
 # -- placement ------------------------------------------------------------------------------------------------------
 
 

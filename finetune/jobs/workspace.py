@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -265,16 +266,50 @@ def _failure_reason(job: Job, exit_code: int) -> str:
     end = _last_run_end(job)
     if end is not None and end.get("error"):
         return str(end["error"])
-    lines = [line.strip() for line in tail_text(job.run_dir / STDERR_FILE, 200).splitlines() if line.strip()]
+    lines = _log_records(tail_text(job.run_dir / STDERR_FILE, 200))
     # The last traceback's final line names the exception; launcher noise after it is skipped.
     errors = [line for line in lines if "Error:" in line or "Exception:" in line]
+    see_log = f"(see {job.run_dir / STDERR_FILE})"
     if errors:
-        detail = errors[-1]
-    elif lines:
-        detail = lines[-1]
-    else:
-        detail = "no output"
-    return f"exit code {exit_code}: {detail[:500]} (see {job.run_dir / STDERR_FILE})"
+        return f"exit code {exit_code}: {errors[-1][:500]} {see_log}"
+    last_line = f"Last log line: {lines[-1][:500]}" if lines else "No output"
+    if end is None:
+        # `accelerate launch` turns a training process killed by a signal into exit code 1 and prints nothing,
+        # so the missing run_end event is the only sign of the kill.
+        return (
+            f"exit code {exit_code}: the training process ended without recording a run_end event, so it was "
+            f"killed (SIGKILL, out of memory) or it crashed. Resume the job to continue from the last checkpoint. "
+            f"{last_line} {see_log}"
+        )
+    return f"exit code {exit_code}. {last_line} {see_log}"
+
+
+# A log record of finetune.log or of the runner, e.g. "02:02:19 INFO finetune.checkpoint: Saved ...".
+_LOG_RECORD = re.compile(r"\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+: ")
+
+
+def _log_records(text: str) -> list[str]:
+    """Return the non-empty lines of a job's stderr without progress bars and without the runner's records.
+
+    tqdm redraws its bar after a carriage return and without a newline, so a log record often follows a bar
+    on the same line. The record is then cut out of that line. The runner's own records are dropped because its
+    final "runner ... finished" line would otherwise be the last line of every failed job.
+    """
+    records = []
+    for line in text.splitlines():  # splitlines() also splits at the carriage returns of tqdm.
+        match = _LOG_RECORD.search(line)
+        if match is not None:
+            line = line[match.start():]
+        elif _PROGRESS_BAR.search(line):
+            continue
+        line = line.strip()
+        if line and " finetune.jobs.runner: " not in line:
+            records.append(line)
+    return records
+
+
+# A tqdm bar's counter and rate, e.g. "| 406/1500 [00:13<04:45,  3.83step/s".
+_PROGRESS_BAR = re.compile(r"\|\s*\d+/\d+ \[[^\]]*(/s|s/\w+)")
 
 
 def tail_text(path: Path, max_lines: int, max_bytes: int = 1 << 20) -> str:
