@@ -229,8 +229,8 @@ def test_killed_training_reason(workspace):
     job = workspace.get(job.id)
     assert job.status == JobStatus.FAILED
     assert job.failure_reason == (
-        "exit code 1: the training process ended without recording a run_end event, so it was killed (SIGKILL, "
-        "out of memory) or it crashed. Resume the job to continue from the last checkpoint. Last log line: "
+        "exit code 1: the training process ended without recording a run_end event, so a signal killed it (such "
+        "as SIGKILL or the out-of-memory killer) or it crashed. Resume the job to continue from the last checkpoint. Last log line: "
         f"02:02:19 INFO finetune.checkpoint: Saved checkpoint checkpoint-405 (see {job.run_dir / 'stderr.log'})"
     )
 

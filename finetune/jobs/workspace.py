@@ -277,8 +277,8 @@ def _failure_reason(job: Job, exit_code: int) -> str:
         # `accelerate launch` turns a training process killed by a signal into exit code 1 and prints nothing,
         # so the missing run_end event is the only sign of the kill.
         return (
-            f"exit code {exit_code}: the training process ended without recording a run_end event, so it was "
-            f"killed (SIGKILL, out of memory) or it crashed. Resume the job to continue from the last checkpoint. "
+            f"exit code {exit_code}: the training process ended without recording a run_end event, so a signal "
+            f"killed it (such as SIGKILL or the out-of-memory killer) or it crashed. Resume the job to continue from the last checkpoint. "
             f"{last_line} {see_log}"
         )
     return f"exit code {exit_code}. {last_line} {see_log}"
