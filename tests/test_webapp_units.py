@@ -227,6 +227,21 @@ def test_check_lists_schema_and_path_issues(tmp_path):
     assert keys == ["data.train", "model.name_or_path", "output.run_dir", "training.num_train_epochs"]
 
 
+def test_validate_draws_edited_schedule(tmp_path):
+    # The picture must show the editor's learning rate and epochs, not those of an empty config.
+    from finetune.webapp.train_tab import validation_outputs
+
+    settings = AppSettings(workspace=tmp_path / "ws", data_roots=[tmp_path / "data"])
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.csv").write_text("text,label\na,b\n")
+    text = "task: text-classification\nmodel:\n  name_or_path: bert-base-uncased\ndata:\n  train: train.csv\n" \
+           "training:\n  learning_rate: 0.001\n  num_train_epochs: 40\n"
+    figure = validation_outputs(text, settings, len(configform.FORM_KEYS))[-1]
+    axes = figure.axes[0]
+    assert axes.get_xlim() == (0.0, 40.0)
+    assert axes.texts[-1].get_text() == "1.0e-03"
+
+
 HUB_CONFIG = "task: text-classification\nmodel:\n  name_or_path: bert-base-uncased\ndata:\n  format: hub\n  train: {}\n"
 
 

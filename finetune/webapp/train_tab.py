@@ -187,8 +187,8 @@ def validation_outputs(text: str, settings: AppSettings, field_count: int) -> li
     updates = []
     for key in configform.FORM_KEYS[:field_count]:
         messages = by_field.get(key, [])
-        text = "\n\n".join(f"**Error:** `{key}` {message}" for message in messages)
-        updates.append(gr.update(value=text, visible=bool(messages)))
+        field_text = "\n\n".join(f"**Error:** `{key}` {message}" for message in messages)
+        updates.append(gr.update(value=field_text, visible=bool(messages)))
     other_text = "\n".join(f"- {line}" for line in others)
     if config is None:
         status = f"**{len(issues)} problem(s)** — fix them and validate again."
