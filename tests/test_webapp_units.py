@@ -392,6 +392,21 @@ def test_try_model_change_clears_results(tmp_path):
     assert "try-gallery" in cleared
 
 
+def test_form_sync_keeps_last_keystroke(tmp_path):
+    from finetune.webapp import build_app
+
+    app = build_app(AppSettings(workspace=tmp_path / "ws", data_roots=[tmp_path / "data"]))
+    elem_ids = {block._id: block.elem_id for block in app.blocks.values()}
+    modes = {}
+    for dependency in app.config["dependencies"]:
+        for target, event in dependency["targets"]:
+            if event == "input" and str(elem_ids.get(target)).startswith("field-"):
+                modes[elem_ids[target]] = dependency["trigger_mode"]
+    # With "once", a keystroke typed while the previous sync is pending never reaches the YAML.
+    assert len(modes) == len(configform.FORM_KEYS)
+    assert set(modes.values()) == {"always_last"}
+
+
 def test_jobs_view_keeps_deleted_selection(tmp_path):
     from finetune.webapp.jobs_tab import refresh_view
     from finetune.webapp.service import JobService

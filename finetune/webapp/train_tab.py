@@ -87,8 +87,10 @@ def _wire(settings, service, inputs, errors, editor, other_errors, status, sched
         return schedule_picture(text, settings)
 
     for key, component in zip(configform.FORM_KEYS, inputs):
+        # In Gradio 6 `.input` defaults to trigger_mode "once", which drops the keystrokes typed while a sync is pending, so
+        # the YAML (and the launched config) would miss the last characters that the form shows.
         synced = component.input(sync_form_to_yaml, [editor, *inputs], editor, show_progress="hidden",
-                                 api_visibility="private")
+                                 trigger_mode="always_last", api_visibility="private")
         if key in SCHEDULE_KEYS:
             # One shared queue of limit 1 draws the pictures in the order of the edits, so a slow, older
             # picture never replaces a newer one.
