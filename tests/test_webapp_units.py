@@ -407,6 +407,24 @@ def test_form_sync_keeps_last_keystroke(tmp_path):
     assert set(modes.values()) == {"always_last"}
 
 
+def test_edit_as_new_revalidates(tmp_path):
+    from finetune.webapp import build_app
+
+    app = build_app(AppSettings(workspace=tmp_path / "ws", data_roots=[tmp_path / "data"]))
+    elem_ids = {block._id: block.elem_id for block in app.blocks.values()}
+    dependencies = app.config["dependencies"]
+    edit = next(
+        dependency for dependency in dependencies
+        if ("job-edit", "click") in [(elem_ids.get(target), event) for target, event in dependency["targets"]]
+    )
+    followers = [dependency for dependency in dependencies if dependency.get("trigger_after") == edit["id"]]
+    redrawn = {elem_ids.get(output) for dependency in followers for output in dependency["outputs"]}
+    # The launch message, field errors and schedule picture of the previous config must not stay on screen.
+    assert "train-status" in redrawn
+    assert "schedule-plot" in redrawn
+    assert "field-data-train-error" in redrawn
+
+
 def test_jobs_view_keeps_deleted_selection(tmp_path):
     from finetune.webapp.jobs_tab import refresh_view
     from finetune.webapp.service import JobService

@@ -31,9 +31,9 @@ def build_app(settings: AppSettings, service=None):
         gr.Markdown(f"# finetune\nWorkspace `{settings.workspace}`")
         with gr.Tabs() as tabs:
             with gr.Tab("Train", id="train"):
-                editor, form_inputs = build_train_tab(settings, service)
+                editor, form_inputs, validation = build_train_tab(settings, service)
             with gr.Tab("Jobs", id="jobs"):
-                build_jobs_tab(settings, service, edit_target=(tabs, editor, form_inputs))
+                build_jobs_tab(settings, service, edit_target=(tabs, editor, form_inputs, validation))
             with gr.Tab("Try", id="try"):
                 build_try_tab(settings, service)
             with gr.Tab("Compare", id="compare") as compare_tab:

@@ -17,7 +17,7 @@ from ..log import get_logger
 from . import plots, runs
 from .service import JobService, JobView
 from .settings import AppSettings
-from .train_tab import sync_yaml_to_form
+from .train_tab import sync_yaml_to_form, validation_outputs
 
 logger = get_logger(__name__)
 
@@ -34,8 +34,9 @@ CONFIRM_DELETE_JS = """(jobId, confirmed) => [
 def build_jobs_tab(settings: AppSettings, service: JobService, edit_target: tuple | None = None) -> None:
     """Lay out the Jobs tab inside the current `gr.Blocks` and wire its events.
 
-    `edit_target` is `(tabs, editor, form_inputs)` of the Train tab: "Edit as new" copies the selected job's
-    config there and switches to it. Without it the button is left out.
+    `edit_target` is `(tabs, editor, form_inputs, validation)` of the Train tab: "Edit as new" copies the
+    selected job's config there, switches to it and validates the copy into `validation` (the outputs of
+    `train_tab.validation_outputs`). Without it the button is left out.
     """
     timer = gr.Timer(REFRESH_SECONDS)
     table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, label="jobs", elem_id="jobs-table")
@@ -72,9 +73,13 @@ def build_jobs_tab(settings: AppSettings, service: JobService, edit_target: tupl
     delete_button.click(_delete_handler(service), [selected, confirmed], action_status, api_name="job_delete",
                         js=CONFIRM_DELETE_JS)
     if edit_target is not None:
-        tabs, editor, form_inputs = edit_target
-        edit_button.click(_edit_handler(service, len(form_inputs)), selected, [tabs, editor, *form_inputs, action_status],
-                          api_visibility="private")
+        tabs, editor, form_inputs, validation = edit_target
+        edited = edit_button.click(_edit_handler(service, len(form_inputs)), selected,
+                                   [tabs, editor, *form_inputs, action_status], api_visibility="private")
+        # Without this, the Train tab keeps the schedule picture, field errors and launch message of the config
+        # it showed before.
+        edited.success(lambda text: validation_outputs(text, settings, len(form_inputs)), editor, validation,
+                       api_visibility="private")
     download_button.click(lambda job_id: zip_job_export(service, settings, job_id), selected, [download, action_status],
                           api_name="job_export_zip")
     def follow(job_id):

@@ -22,9 +22,15 @@ logger = get_logger(__name__)
 SCHEDULE_KEYS = ("model.name_or_path", "schedule.preset", "training.learning_rate", "training.num_train_epochs")
 
 
-def build_train_tab(settings: AppSettings, service: JobService) -> tuple[gr.Code, list[gr.components.Component]]:
-    """Lay out the Train tab inside the current `gr.Blocks`, wire its events, and return the YAML editor and
-    the form's inputs (in `configform.FORM_KEYS` order), which the Jobs tab fills to edit a job as a new one."""
+def build_train_tab(
+    settings: AppSettings, service: JobService,
+) -> tuple[gr.Code, list[gr.components.Component], list[gr.components.Component]]:
+    """Lay out the Train tab inside the current `gr.Blocks` and wire its events.
+
+    Returns the YAML editor, the form's inputs (in `configform.FORM_KEYS` order) and the outputs of
+    `validation_outputs`. The Jobs tab fills the first two to edit a job as a new one, then validates into the
+    third, so no message or picture of the previous config stays on screen.
+    """
     backbones = backbone_choices(settings)
     start = configform.default_config(backbone=backbones[0][1] if backbones else "")
     with gr.Row():
@@ -44,7 +50,7 @@ def build_train_tab(settings: AppSettings, service: JobService) -> tuple[gr.Code
     schedule_plot = gr.Plot(label="schedule stages", elem_id="schedule-plot")
     _wire(settings, service, inputs, errors, editor, other_errors, status, schedule_plot,
           (upload, validate_button, launch_button))
-    return editor, inputs
+    return editor, inputs, [*errors, other_errors, status, schedule_plot]
 
 
 def _build_form(start: dict, backbones: list[tuple[str, str]]) -> tuple[list[gr.components.Component], list[gr.Markdown]]:
@@ -87,8 +93,8 @@ def _wire(settings, service, inputs, errors, editor, other_errors, status, sched
         return schedule_picture(text, settings)
 
     for key, component in zip(configform.FORM_KEYS, inputs):
-        # In Gradio 6 `.input` defaults to trigger_mode "once", which drops the keystrokes typed while a sync is pending, so
-        # the YAML (and the launched config) would miss the last characters that the form shows.
+        # In Gradio 6 `.input` defaults to trigger_mode "once", which drops the keystrokes typed while a sync is
+        # pending, so the YAML (and the launched config) would miss the last characters that the form shows.
         synced = component.input(sync_form_to_yaml, [editor, *inputs], editor, show_progress="hidden",
                                  trigger_mode="always_last", api_visibility="private")
         if key in SCHEDULE_KEYS:
