@@ -408,6 +408,8 @@ def test_form_sync_keeps_last_keystroke(tmp_path):
 
 
 def test_edit_as_new_revalidates(tmp_path):
+    import gradio as gr
+
     from finetune.webapp import build_app
 
     app = build_app(AppSettings(workspace=tmp_path / "ws", data_roots=[tmp_path / "data"]))
@@ -423,6 +425,9 @@ def test_edit_as_new_revalidates(tmp_path):
     assert "train-status" in redrawn
     assert "schedule-plot" in redrawn
     assert "field-data-train-error" in redrawn
+    # Without a copied config (no job selected), the Train tab is left alone.
+    validate_copy = app.fns[followers[0]["id"]].fn
+    assert validate_copy(None) == [gr.skip()] * len(followers[0]["outputs"])
 
 
 def test_jobs_view_keeps_deleted_selection(tmp_path):

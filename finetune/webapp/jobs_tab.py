@@ -74,12 +74,18 @@ def build_jobs_tab(settings: AppSettings, service: JobService, edit_target: tupl
                         js=CONFIRM_DELETE_JS)
     if edit_target is not None:
         tabs, editor, form_inputs, validation = edit_target
+        copied = gr.State(None)  # the copied YAML, or None when nothing was copied
         edited = edit_button.click(_edit_handler(service, len(form_inputs)), selected,
-                                   [tabs, editor, *form_inputs, action_status], api_visibility="private")
-        # Without this, the Train tab keeps the schedule picture, field errors and launch message of the config
-        # it showed before.
-        edited.success(lambda text: validation_outputs(text, settings, len(form_inputs)), editor, validation,
-                       api_visibility="private")
+                                   [tabs, editor, *form_inputs, action_status, copied], api_visibility="private")
+
+        def validate_copy(text: str | None) -> list:
+            # Without this, the Train tab keeps the schedule picture, field errors and launch message of the
+            # config it showed before. Without a copy, the Train tab is left as the user left it.
+            if text is None:
+                return [gr.skip()] * len(validation)
+            return validation_outputs(text, settings, len(form_inputs))
+
+        edited.success(validate_copy, copied, validation, api_visibility="private")
     download_button.click(lambda job_id: zip_job_export(service, settings, job_id), selected, [download, action_status],
                           api_name="job_export_zip")
     def follow(job_id):
@@ -174,14 +180,14 @@ def _edit_handler(service: JobService, field_count: int):
     def handle(job_id: str | None) -> list:
         unchanged = [gr.skip()] * (2 + field_count)
         if not job_id:
-            return [*unchanged, "Select a job first."]
+            return [*unchanged, "Select a job first.", None]
         try:
             text = service.config_for_new_job(job_id)
         except (KeyError, ValueError) as error:
             logger.info("job %s: edit as new failed: %s", job_id, error)
-            return [*unchanged, f"**Error:** cannot copy the config of job {job_id}: {error}"]
+            return [*unchanged, f"**Error:** cannot copy the config of job {job_id}: {error}", None]
         message = f"Copied the config of job {job_id} into the Train tab; edit it, then Validate and Launch."
-        return [gr.Tabs(selected="train"), text, *sync_yaml_to_form(text), message]
+        return [gr.Tabs(selected="train"), text, *sync_yaml_to_form(text), message, text]
 
     return handle
 
