@@ -430,6 +430,18 @@ def test_edit_as_new_revalidates(tmp_path):
     assert validate_copy(None) == [gr.skip()] * len(followers[0]["outputs"])
 
 
+@pytest.mark.parametrize("status, label", [("failed", "Failure"), ("stopped", "Note")])
+def test_job_status_labels_reason(status, label):
+    from finetune.webapp.jobs_tab import status_text
+    from finetune.webapp.service import JobView
+
+    job = JobView(
+        id="3", name="run", status=status, run_dir=Path("runs/3"), created_at=0.0, step=0, total_steps=None,
+        epoch=None, stage="", eta_seconds=None, best=None, metric="accuracy", failure_reason="killed with SIGKILL",
+    )
+    assert status_text(job) == f"**job 3** `run` — **{status}**\n\n**{label}:** killed with SIGKILL"
+
+
 def test_jobs_view_keeps_deleted_selection(tmp_path):
     from finetune.webapp.jobs_tab import refresh_view
     from finetune.webapp.service import JobService

@@ -148,7 +148,10 @@ def status_text(job: JobView) -> str:
         parts.append(f"best {job.metric} {job.best:.4f}")
     text = " · ".join(parts)
     if job.failure_reason:
-        text += f"\n\n**Failure:** {job.failure_reason}"
+        # A stopped job keeps the reason its stop was not clean (e.g. killed after the stop timeout), but it did
+        # not fail: it resumes like any stopped job.
+        label = "Failure" if job.status == "failed" else "Note"
+        text += f"\n\n**{label}:** {job.failure_reason}"
     return text
 
 
