@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # command -> (module, function, one-line help). The function takes the remaining argv and returns an exit code.
@@ -40,7 +41,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, function_name, _ = COMMANDS[command]
     module = importlib.import_module(module_name)
-    return int(getattr(module, function_name)(rest) or 0)
+    try:
+        return int(getattr(module, function_name)(rest) or 0)
+    except BrokenPipeError:
+        return _closed_pipe_exit()
+
+
+def _closed_pipe_exit() -> int:
+    """Point stdout at /dev/null after its reader went away (`finetune jobs list | head -1`); return 1.
+
+    Without the redirect, the flush at interpreter exit raises BrokenPipeError again. The Python documentation
+    of the `signal` module recommends this handling for SIGPIPE.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 1
 
 
 if __name__ == "__main__":

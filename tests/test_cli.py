@@ -1,6 +1,10 @@
-"""The `finetune` dispatcher: help, a missing command and an unknown command."""
+"""The `finetune` dispatcher: help, a missing command, an unknown command and a closed stdout pipe."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 from finetune.cli import main
 
@@ -37,3 +41,16 @@ def test_module_logger_named_after_module(monkeypatch):
 
     main.__spec__ = None
     assert get_logger("__main__").logger.name == "finetune.__main__"
+
+
+def test_closed_pipe_no_traceback(tmp_path):
+    # The reader is gone before the command writes, as when `finetune jobs list | head -1` has its line.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune.cli", "jobs", "list", "--workspace", str(tmp_path / "ws")],
+        stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120,
+    )
+    os.close(write_end)
+    assert result.stderr == ""
+    assert result.returncode == 1
