@@ -149,7 +149,7 @@ def status_text(job: JobView) -> str:
     text = " · ".join(parts)
     if job.failure_reason:
         # A stopped job keeps the reason its stop was not clean (e.g. killed after the stop timeout), but it did
-        # not fail: it resumes like any stopped job.
+        # not fail, and it resumes like any stopped job.
         label = "Failure" if job.status == "failed" else "Note"
         text += f"\n\n**{label}:** {job.failure_reason}"
     return text
