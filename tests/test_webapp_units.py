@@ -179,6 +179,21 @@ def test_settings_bind_loopback_by_default(monkeypatch):
     assert settings.run_scheduler is True
 
 
+def test_missing_roots_warned(tmp_path, finetune_records):
+    from finetune.webapp import warn_missing_roots
+
+    (tmp_path / "data").mkdir()
+    settings = AppSettings(
+        workspace=tmp_path / "ws", data_roots=[tmp_path / "data", tmp_path / "dta"], model_roots=[tmp_path / "models"]
+    )
+    warn_missing_roots(settings)
+    messages = [record.getMessage() for record in finetune_records if record.levelname == "WARNING"]
+    assert messages == [
+        f"--data-root {tmp_path / 'dta'} is not a folder. Fix: check the path; no file can be read from it until it exists.",
+        f"--model-root {tmp_path / 'models'} is not a folder. Fix: check the path; no file can be read from it until it exists.",
+    ]
+
+
 def test_settings_upload_limit_bytes(monkeypatch, tmp_path):
     monkeypatch.delenv("FINETUNE_AUTH", raising=False)
     settings = parse_settings(["--max-upload-mb", "2", "--workspace", str(tmp_path), "--no-scheduler"])

@@ -51,6 +51,7 @@ def launch_app(settings: AppSettings, prevent_thread_lock: bool = False):
         service.start_scheduler()
     app = build_app(settings, service)
     settings.download_dir.mkdir(parents=True, exist_ok=True)
+    warn_missing_roots(settings)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.auth:
         logger.warning("the app listens on %s without a login; anyone who reaches the port can run jobs", settings.host)
     logger.info("serving the app on http://%s:%d (workspace %s)", settings.host, settings.port, settings.workspace)
@@ -67,6 +68,18 @@ def launch_app(settings: AppSettings, prevent_thread_lock: bool = False):
         css=_CSS,
     )
     return app
+
+
+def warn_missing_roots(settings: AppSettings) -> None:
+    """Log a warning for each --data-root or --model-root that is not a folder.
+
+    A mistyped root is not an error, because the folder may be created later, but until then every typed path
+    under it fails as not found, and a path in the folder that was meant is rejected as outside the roots.
+    """
+    for option, roots in (("--data-root", settings.data_roots), ("--model-root", settings.model_roots)):
+        for root in roots:
+            if not root.is_dir():
+                logger.warning("%s %s is not a folder. Fix: check the path; no file can be read from it until it exists.", option, root)
 
 
 _CSS = ".field-error, .field-error * { color: #b91c1c !important; }"
