@@ -809,7 +809,9 @@ def _config_changes(previous_file: Path, config: RunConfig) -> list[str]:
     except yaml.YAMLError:
         return ["config.yaml: unreadable"]
     current = _flatten(config.model_dump(mode="json"), scalars_only=False)
-    keys = sorted(set(previous) | set(current))
+    # checkpoint.resume picks how this run starts, not how it trains. A run started with `never` and continued
+    # with `auto` (as `finetune jobs resume` does) would otherwise warn that resuming changed a setting.
+    keys = sorted((set(previous) | set(current)) - {"checkpoint.resume"})
     return [f"{key}: {previous.get(key)!r} -> {current.get(key)!r}" for key in keys if previous.get(key) != current.get(key)]
 
 

@@ -545,6 +545,20 @@ def test_resume_warns_about_changed_settings(tmp_path, model_dir, finetune_recor
     assert "training.learning_rate: 0.001 -> 0.0005" in warnings[0]
 
 
+def test_resume_setting_not_a_change(tmp_path, model_dir, finetune_records):
+    config = tiny_config(tmp_path, model={"name_or_path": str(model_dir)}, training__num_train_epochs=1,
+                         checkpoint={"save_every_epoch": True, "save_steps": None, "resume": "never"})
+    run_recipe(config)
+    resumed = merge(config, {"training": {"num_train_epochs": 2}, "checkpoint": {"resume": "auto"}})
+    code, events = run_recipe(resumed)
+    warnings = [record.getMessage() for record in finetune_records if "changed settings" in record.getMessage()]
+    assert code == 0
+    assert events_of(events, "run_start")[-1]["resumed_from"] is not None
+    assert len(warnings) == 1
+    assert "training.num_train_epochs: 1 -> 2" in warnings[0]
+    assert "checkpoint.resume: " not in warnings[0]
+
+
 def test_resume_past_max_steps_warns(tmp_path, model_dir, finetune_records):
     config = tiny_config(tmp_path, model={"name_or_path": str(model_dir)},
                          checkpoint={"save_every_epoch": True, "save_steps": None})
