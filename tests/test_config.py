@@ -257,7 +257,18 @@ def test_override_unknown_key(tmp_path):
 def test_override_into_value(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_config(write_config(tmp_path, minimal()), ["task.name=x"])
-    assert "'task' is a value, not a section." in error.value.issues[0].message
+    assert "'task' is a value, not a section" in error.value.issues[0].message
+
+
+def test_override_into_list_names_value(tmp_path):
+    stages = [{"until_step": 3, "train": "head"}, {"train": "all"}]
+    config = minimal(schedule={"preset": "milestones", "stages": stages})
+    with pytest.raises(ConfigError) as error:
+        load_config(write_config(tmp_path, config), ["schedule.stages.0.until_step=2"])
+    issue = error.value.issues[0]
+    assert issue.key == "schedule.stages.0.until_step"
+    assert issue.value == 2
+    assert issue.fix == "override the whole value, e.g. schedule.stages='[{train: head, until_step: 3}, {train: all}]'."
 
 
 def test_override_invalid_value(tmp_path):

@@ -118,17 +118,28 @@ def apply_overrides(raw: dict, overrides: list[str]) -> list[ConfigIssue]:
             value = text
         node = raw
         parts = key.split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                issues.append(ConfigIssue(key, child, f"'{part}' is a value, not a section.", "override the value itself."))
+                issues.append(_override_into_value_issue(key, value, ".".join(parts[: depth + 1]), child))
                 break
             node = child
         else:
             node[parts[-1]] = value
     return issues
+
+
+def _override_into_value_issue(key: str, value: Any, value_key: str, current: Any) -> ConfigIssue:
+    # The fix repeats the current value in YAML flow style, so a list such as schedule.stages can be copied,
+    # edited and given back whole.
+    flow = yaml.safe_dump(current, default_flow_style=True, width=float("inf")).strip()
+    flow = flow.removesuffix("...").strip()  # a plain scalar is dumped as a document ending in `...`
+    return ConfigIssue(
+        key, value, f"'{value_key}' is a value, not a section, so its parts cannot be overridden one by one.",
+        f"override the whole value, e.g. {value_key}='{flow}'.",
+    )
 
 
 def _number_or_text(value: Any) -> Any:
