@@ -101,6 +101,7 @@ def model_card(model: torch.nn.Module, config: RunConfig, metrics: dict, data_su
         "```python",
         "from transformers import pipeline",
         f'classifier = pipeline("{config.task}", model="path/to/this/folder")',
+        *_pair_use_lines(config),
         "```",
         "",
         "## Training configuration",
@@ -118,3 +119,10 @@ def _metric_columns(metrics: dict) -> list[str]:
     for values in metrics.values():
         columns += [name for name in values if name not in columns]
     return columns
+
+
+def _pair_use_lines(config) -> list[str]:
+    # A pair model called with one text classifies it without its second text, so the card shows the pair form.
+    if config.task != "text-classification" or config.data.text_pair_column is None:
+        return []
+    return ['classifier({"text": "first text", "text_pair": "second text"})  # trained on text pairs']

@@ -56,7 +56,10 @@ class Predictor:
         self.label_names = [self.pipeline.model.config.id2label[i] for i in sorted(self.pipeline.model.config.id2label)]
 
     def predict(self, inputs: list[Any], top_k: int = 5) -> list[list[dict]]:
-        """Classify each input; return, per input, the `top_k` classes as `{"label", "score"}`, best first."""
+        """Classify each input; return, per input, the `top_k` classes as `{"label", "score"}`, best first.
+
+        Inputs of a model trained on text pairs are `{"text": ..., "text_pair": ...}` dicts.
+        """
         top_k = max(1, min(top_k, len(self.label_names)))
         if self.task == "image-classification":
             inputs = [_as_image(item) for item in inputs]
@@ -78,6 +81,39 @@ def _as_image(item: Any):
     return to_rgb(item) if hasattr(item, "convert") else item
 
 
+def text_pair_column(model_dir: str | os.PathLike) -> str | None:
+    """Return the `data.text_pair_column` the export was trained with, from its training_config.yaml, or None."""
+    import yaml
+
+    path = Path(model_dir) / "training_config.yaml"
+    if not path.is_file():  # a folder not written by finetune carries no training config
+        return None
+    data = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("data") or {}
+    return data.get("text_pair_column")
+
+
+def _parse_pairs(inputs: list[str], pair_column: str) -> list[dict]:
+    # A pair model given one text would classify it without its second text and print a confident wrong prediction.
+    pairs, problems = [], []
+    for item in inputs:
+        try:
+            value = json.loads(item)
+        except json.JSONDecodeError:
+            value = None
+        if isinstance(value, dict) and isinstance(value.get("text"), str) and isinstance(value.get("text_pair"), str):
+            pairs.append({"text": value["text"], "text_pair": value["text_pair"]})
+        else:
+            problems.append(repr(item if len(item) <= 60 else item[:57] + "..."))
+    if problems:
+        shown = ", ".join(problems[:3]) + (f" and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise ValueError(
+            f"the model was trained on text pairs (data.text_pair_column: {pair_column}), but {shown} "
+            "is not a pair. "
+            'Fix: give each input as a JSON object, e.g. \'{"text": "first text", "text_pair": "second text"}\'.'
+        )
+    return pairs
+
+
 def _read_inputs(args: argparse.Namespace, task: str) -> list[str]:
     inputs = list(args.inputs)
     if args.file:
@@ -95,6 +131,12 @@ def _read_inputs(args: argparse.Namespace, task: str) -> list[str]:
     if task == "image-classification":
         _check_images(inputs)
     return inputs
+
+
+def _model_inputs(inputs: list[str], model_dir: str) -> list[Any]:
+    """Return the inputs as the pipeline takes them: `{"text", "text_pair"}` dicts for a pair model."""
+    pair_column = text_pair_column(model_dir)
+    return inputs if pair_column is None else _parse_pairs(inputs, pair_column)
 
 
 def _check_images(paths: list[str]) -> None:
@@ -118,7 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Classify texts or images with an exported model folder; prints one JSON line per input.",
     )
     parser.add_argument("model_dir", help="Exported model folder (a run's export/ folder).")
-    parser.add_argument("inputs", nargs="*", help="Texts, or image paths for an image model.")
+    parser.add_argument(
+        "inputs", nargs="*",
+        help='Texts; JSON objects {"text": ..., "text_pair": ...} for a text-pair model; '
+        "image paths for an image model.",
+    )
     parser.add_argument("--file", help="File with one text or image path per line.")
     parser.add_argument("--top-k", type=int, default=1, help="Number of classes to print per input (default 1).")
     args = parser.parse_args(argv)
@@ -128,12 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Inputs are checked before the model loads, so a typo in a path costs no loading time.
         check_model_folder(Path(args.model_dir))
-        inputs = _read_inputs(args, detect_task(args.model_dir))
+        task = detect_task(args.model_dir)
+        inputs = _read_inputs(args, task)
+        model_inputs = inputs if task == "image-classification" else _model_inputs(inputs, args.model_dir)
         predictor = Predictor(args.model_dir)
     except (FileNotFoundError, ValueError, OSError) as error:
         logger.error("%s", error)
         return 2
-    for item, result in zip(inputs, predictor.predict(inputs, top_k=args.top_k)):
+    for item, result in zip(inputs, predictor.predict(model_inputs, top_k=args.top_k)):
         line = {"input": item, "label": result[0]["label"], "score": round(result[0]["score"], 6)}
         if args.top_k > 1:
             line["top_k"] = result

@@ -245,3 +245,46 @@ def test_predict_non_utf8_file(trained, tmp_path):
     assert completed.returncode == 2
     assert f"--file {inputs}: not UTF-8 text (invalid continuation byte at byte 3)" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text-pair models
+
+
+@pytest.fixture(scope="module")
+def trained_pairs(tmp_path_factory) -> Path:
+    """Train the tiny BERT for 2 steps on review pairs (text, pair) and return its export folder."""
+    import pandas as pd
+
+    tmp_path = tmp_path_factory.mktemp("pairs")
+    config = tiny_config(tmp_path, data={"text_pair_column": "pair"}, training__max_steps=2)
+    reviews = pd.read_csv(config["data"]["train"])
+    reviews["pair"] = "seen in a small cinema"
+    reviews.to_csv(config["data"]["train"], index=False)
+    code, _ = run_recipe(config)
+    assert code == 0
+    return tmp_path / "run" / "export"
+
+
+def test_predict_pair_model_scores_pair(trained_pairs, capfd):
+    pair = {"text": TEXTS[0], "text_pair": "seen in a small cinema"}
+    code = predict_main([str(trained_pairs), json.dumps(pair), "--top-k", "2"])
+    line = json.loads(capfd.readouterr().out)
+    expected = pipeline("text-classification", model=str(trained_pairs))(pair, top_k=2)
+    assert code == 0
+    assert line["top_k"] == [{"label": entry["label"], "score": entry["score"]} for entry in expected]
+
+
+def test_predict_pair_model_rejects_text(trained_pairs, capfd, finetune_records):
+    code = predict_main([str(trained_pairs), TEXTS[0]])
+    messages = [record.getMessage() for record in finetune_records if record.levelno == logging.ERROR]
+    assert code == 2
+    assert capfd.readouterr().out == ""
+    assert len(messages) == 1
+    expected = "trained on text pairs (data.text_pair_column: pair), but 'a superb and moving film' is not a pair"
+    assert expected in messages[0]
+
+
+def test_pair_model_card_shows_pair(trained_pairs):
+    card = (trained_pairs / "README.md").read_text(encoding="utf-8")
+    assert 'classifier({"text": "first text", "text_pair": "second text"})' in card
