@@ -19,7 +19,8 @@ Per event:
   `precision_macro`, `recall_macro`; validation events also carry `train_loss` and `train_accuracy`, measured on
   the training batches since the previous evaluation, so the two can be compared side by side.
 - `stage`: `stage` (index), `name`, `trainable_groups` (names), `trainable_parameters` (count),
-  `learning_rates` (`{group: rate}` at the stage's first step).
+  `frozen_batchnorm_parameters` (the part of that count in BatchNorm layers of frozen groups, with
+  `schedule.train_bn: true`), `learning_rates` (`{group: rate}` at the stage's first step).
 - `checkpoint`: `path`, `is_best`.
 - `run_end`: `status` (`completed`, `early_stopped`, `stopped`, `failed`), `best_metric` (name),
   `best_value`, `best_step`, `export_dir`, and `test` (the test metrics, when there is test data), `error`

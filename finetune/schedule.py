@@ -215,7 +215,8 @@ class ScheduleController:
         0-based epoch, kept for the caller's records: stage boundaries are steps). The first call always
         returns a record, which the caller logs, because this method logs nothing. It sets `requires_grad`,
         clears the gradients of newly frozen parameters and, when the model is in training mode, applies
-        `set_modes`. The record has `stage`, `name`, `trainable_groups`, `trainable_parameters` and
+        `set_modes`. The record has `stage`, `name`, `trainable_groups`, `trainable_parameters`,
+        `frozen_batchnorm_parameters` (trainable BatchNorm parameters of frozen groups, with `train_bn: true`) and
         `learning_rates` ({group: rate at this step}). On resume, the first call reports the resumed stage.
         """
         stage = self.stage_at(step)
@@ -230,8 +231,18 @@ class ScheduleController:
             "name": stage.name,
             "trainable_groups": [self.groups[index].name for index in sorted(stage.trainable)],
             "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            "frozen_batchnorm_parameters": self._frozen_batchnorm_count(stage),
             "learning_rates": self.learning_rates(step),
         }
+
+    def _frozen_batchnorm_count(self, stage: Stage) -> int:
+        # With train_bn, BatchNorm parameters of frozen groups train too. They are counted in
+        # trainable_parameters, so this count keeps that total from looking like the listed groups' size.
+        return sum(
+            parameter.numel()
+            for index, group in enumerate(self.groups) if index not in stage.trainable
+            for _, parameter in group.parameters if parameter.requires_grad
+        )
 
     def after_change(self, accelerator, model: nn.Module) -> nn.Module:
         """Return the model to train with after `update()` returned a record: under DDP a new wrapper.

@@ -703,9 +703,11 @@ class FineTuneRecipe:
     def _log_stage(self, change: dict) -> None:
         rates = ", ".join(f"{name} {rate:.2e}" for name, rate in change["learning_rates"].items())
         # The rates are those of this first step. A newly unfrozen group with a warm-up starts low and rises.
-        logger.info("Stage %d (%s) from step %d: %d trainable parameters in %s. Learning rates at this step: %s",
-                    change["stage"], change["name"], self.state.global_step, change["trainable_parameters"],
-                    ", ".join(change["trainable_groups"]) or "no group", rates)
+        batchnorm = change["frozen_batchnorm_parameters"]
+        batchnorm_note = f", plus {batchnorm} in BatchNorm layers of frozen groups (schedule.train_bn)" if batchnorm else ""
+        logger.info("Stage %d (%s) from step %d: %d trainable parameters in %s%s. Learning rates at this step: %s",
+                    change["stage"], change["name"], self.state.global_step, change["trainable_parameters"] - batchnorm,
+                    ", ".join(change["trainable_groups"]) or "no group", batchnorm_note, rates)
         self._write_event("stage", **change)
 
     def _epochs_done(self) -> float:

@@ -362,9 +362,22 @@ def test_stage_record_fields():
         "name": "head",
         "trainable_groups": ["head"],
         "trainable_parameters": head_parameters,
+        "frozen_batchnorm_parameters": 0,
         "learning_rates": {"embeddings": 0.0, "encoder.layer.0": 0.0, "encoder.layer.1": 0.0, "neck": 0.0, "head": 1e-3},
     }
     assert harness.controller.update(1, 0) is None
+
+
+def test_stage_record_counts_frozen_batchnorm():
+    harness = Harness(tiny_resnet(), ScheduleConfig(preset="linear_probe", train_bn=True))
+    record = harness.controller.update(0, 0)
+    head_parameters = sum(p.numel() for _, p in harness.groups[-1].parameters)
+    batchnorm_parameters = sum(
+        p.numel() for group in harness.groups[:-1] for name, p in group.parameters if "normalization" in name
+    )
+    assert batchnorm_parameters == 144
+    assert record["frozen_batchnorm_parameters"] == batchnorm_parameters
+    assert record["trainable_parameters"] == head_parameters + batchnorm_parameters
 
 
 def test_resume_applies_stage_without_state():
