@@ -87,6 +87,14 @@ class ScheduleConfig(Section):
                         "give every stage but the last an until_epoch or an until_step.",
                     )
                 )
+            if not _train_names_something(stage.train):
+                # Nothing would require a gradient, so the stage's first backward pass would raise mid-run.
+                issues.append(
+                    ConfigIssue(
+                        f"schedule.stages.{index}.train", stage.train, "names no layer group, so nothing would train.",
+                        "use 'head', 'all', 'top:K', 'slice:A:B' or a list of group-name patterns.",
+                    )
+                )
         if self.preset == "gradual" and self.unfreeze_every_epochs is None and self.unfreeze_every_steps is None:
             issues.append(
                 ConfigIssue(
@@ -102,3 +110,8 @@ class ScheduleConfig(Section):
                 )
             )
         return issues
+
+
+def _train_names_something(train: str | list[str]) -> bool:
+    patterns = [train] if isinstance(train, str) else train
+    return any(pattern.strip() for pattern in patterns)
