@@ -426,6 +426,19 @@ def test_cli_clone_sets_gpus(workspace, capsys):
     assert source.num_processes == 2
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--max-cpu-jobs", "-1", "argument --max-cpu-jobs: -1 is negative; give a whole number of at least 0."),
+    ("--poll-seconds", "0", "argument --poll-seconds: 0 is not above 0; give a number of seconds above 0, e.g. 2."),
+    ("--stop-timeout", "-5", "argument --stop-timeout: -5 is negative; give a number of seconds of at least 0."),
+    ("--poll-seconds", "soon", "argument --poll-seconds: invalid number 'soon'; give a number of seconds, e.g. 2."),
+])
+def test_worker_rejects_bad_option(workspace, capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["worker", option, value, "--workspace", str(workspace.path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"finetune worker: error: {message}"
+
+
 def test_cli_errors_exit_codes(workspace, tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text(CONFIG.replace("text-classification", "audio"))

@@ -44,10 +44,15 @@ def worker_main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="finetune worker", description="Run the job scheduler in the foreground.")
     _add_workspace_option(parser)
-    parser.add_argument("--max-cpu-jobs", type=int, default=1, help="CPU jobs that may run at once (default 1).")
-    parser.add_argument("--poll-seconds", type=float, default=2.0, help="Seconds between scheduler passes (default 2).")
     parser.add_argument(
-        "--stop-timeout", type=float, default=600.0, help="Seconds a stopping job gets to checkpoint before SIGKILL (default 600)."
+        "--max-cpu-jobs", type=_non_negative_int, default=1, help="CPU jobs that may run at once; 0 runs none (default 1)."
+    )
+    parser.add_argument(
+        "--poll-seconds", type=_positive_float, default=2.0, help="Seconds between scheduler passes (default 2)."
+    )
+    parser.add_argument(
+        "--stop-timeout", type=_non_negative_float, default=600.0,
+        help="Seconds a stopping job gets to checkpoint before SIGKILL (default 600).",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt="%H:%M:%S")
@@ -117,6 +122,27 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative; give a whole number of at least 0.")
     return value
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not above 0; give a number of seconds above 0, e.g. 2.")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative; give a number of seconds of at least 0.")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}; give a number of seconds, e.g. 2.") from None
 
 
 def _add_device_options(parser: argparse.ArgumentParser) -> None:
