@@ -372,7 +372,7 @@ def resolve_train_spec(spec: str | list[str], group_names: list[str], key: str =
     items = [spec] if isinstance(spec, str) else list(spec)
     count, chosen = len(group_names), set()
     for item in items:
-        picked = _resolve_item(item.strip(), group_names)
+        picked = _resolve_item(item.strip(), group_names, key)
         if not picked:
             raise ScheduleError(
                 f"{key} = {item!r} names no layer group; groups are {group_names}. "
@@ -384,7 +384,7 @@ def resolve_train_spec(spec: str | list[str], group_names: list[str], key: str =
     return frozenset(chosen)
 
 
-def _resolve_item(item: str, group_names: list[str]) -> set[int]:
+def _resolve_item(item: str, group_names: list[str], key: str) -> set[int]:
     count = len(group_names)
     if item == "head":
         return {count - 1}
@@ -394,7 +394,10 @@ def _resolve_item(item: str, group_names: list[str]) -> set[int]:
     if top:
         below = int(top.group(1))
         if below > count - 1:
-            raise ScheduleError(f"'{item}' asks for {below} groups below the head, but there are {count - 1}.")
+            raise ScheduleError(
+                f"{key} = {item!r} asks for {below} groups below the head, but there are {count - 1} "
+                f"({', '.join(group_names[:-1])}). Fix: use top:{count - 1} or 'all' to train every group."
+            )
         return set(range(count - 1 - below, count))
     sliced = _SLICE.match(item)
     if sliced:

@@ -415,6 +415,15 @@ def test_train_spec_unknown_pattern_raises():
         resolve_train_spec("pooler", GROUP_NAMES)
 
 
+def test_train_spec_top_too_many_raises():
+    with pytest.raises(ScheduleError) as error:
+        resolve_train_spec("top:9", GROUP_NAMES, key="schedule.stages.0.train")
+    assert str(error.value) == (
+        "schedule.stages.0.train = 'top:9' asks for 9 groups below the head, but there are 4 "
+        "(embeddings, encoder.layer.0, encoder.layer.1, neck). Fix: use top:4 or 'all' to train every group."
+    )
+
+
 def test_milestones_unordered_raises():
     stages = [StageConfig(until_step=4, train="head"), StageConfig(until_step=2, train="top:1"), StageConfig(train="all")]
     with pytest.raises(ScheduleError, match="stages.1"):
