@@ -411,7 +411,9 @@ def test_cli_submit_list_show_cancel(workspace, tmp_path, capsys):
     assert listing[0].split() == ["ID", "NAME", "STATUS", "PROGRESS", "ETA", "STAGE", "BEST"]
     assert listing[1].split()[:3] == ["1", "demo", "queued"]
     assert cli.main(["jobs", "show", "1", *ws]) == 0
-    assert "seed: 3" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "seed: 3" in shown
+    assert f"working directory  {Path.cwd().resolve()}" in shown.splitlines()
     assert cli.main(["jobs", "cancel", "1", *ws]) == 0
     assert workspace.get(1).status == JobStatus.CANCELLED
 

@@ -188,6 +188,8 @@ def _show(workspace: Workspace, args: argparse.Namespace) -> int:
     progress = read_progress(job)
     fields = [
         ("id", job.id), ("name", job.name), ("status", job.status.value), ("run folder", job.run_dir),
+        # Relative paths in the config start here, so a "file not found" reason can be checked against it.
+        ("working directory", job.workdir or "-"),
         ("created", _format_time(job.created_at)), ("started", _format_time(job.started_at)),
         ("finished", _format_time(job.finished_at)), ("attempts", job.attempt),
         ("processes", job.num_processes), ("requested GPUs", "auto" if job.requested_gpus is None else job.requested_gpus),
