@@ -16,7 +16,7 @@ import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
 from .assets import resolve_path
-from .config import RunConfig
+from .config import ConfigError, ConfigIssue, RunConfig
 from .log import get_logger
 
 logger = get_logger(__name__)
@@ -29,7 +29,7 @@ def load_image_processor(config: RunConfig) -> Any:
     """Load the backbone's image processor, resized to `data.image_size` when set, without loading weights.
 
     The processor is what the export saves and `pipeline()` reloads, so evaluation that runs it gives the
-    same tensors as inference from the export. Raises `ValueError` when `data.image_size` is set for a
+    same tensors as inference from the export. Raises `ConfigError` when `data.image_size` is set for a
     backbone whose position embeddings fix the input size.
     """
     source = resolve_path(config.model.name_or_path)
@@ -101,7 +101,7 @@ def resized_processor_kwargs(processor: Any, image_size: int) -> dict:
     """Return `from_pretrained` overrides that make a transformers image processor output `image_size` pixels.
 
     A processor with a centre crop keeps its crop ratio (resize edge = old edge * new crop / old crop), so a
-    224 px crop from 256 px becomes a 112 px crop from 128 px. Raises `ValueError` for size specs it cannot scale.
+    224 px crop from 256 px becomes a 112 px crop from 128 px. Raises `ConfigError` for size specs it cannot scale.
     """
     size = {key: value for key, value in dict(processor.size).items() if value is not None}
     crop = {key: value for key, value in dict(getattr(processor, "crop_size", None) or {}).items() if value is not None}
@@ -114,21 +114,22 @@ def resized_processor_kwargs(processor: Any, image_size: int) -> dict:
     if "shortest_edge" in size:
         # ConvNeXt-style processors resize the short edge to size / crop_pct and centre-crop `size`.
         return {"size": {"shortest_edge": image_size}}
-    raise ValueError(
-        f"data.image_size cannot be applied to {type(processor).__name__} with size {size}. "
-        "Fix: remove data.image_size to use the processor's own size."
-    )
+    # A ConfigError, so the run stops with exit code 2 and this message instead of a traceback.
+    raise ConfigError([ConfigIssue(
+        "data.image_size", image_size, f"cannot be applied to {type(processor).__name__} with size {size}.",
+        "remove data.image_size to use the processor's own size.",
+    )])
 
 
 def _check_resizable(backbone_config: Any, image_size: int) -> None:
     model_type = getattr(backbone_config, "model_type", "")
     native = getattr(backbone_config, "image_size", None)
     if model_type in _FIXED_SIZE_MODEL_TYPES and native is not None and native != image_size:
-        raise ValueError(
-            f"data.image_size {image_size} differs from the {model_type} backbone's input size {native}, which its "
-            "position embeddings fix. Fix: remove data.image_size, or set it to "
-            f"{native}."
-        )
+        raise ConfigError([ConfigIssue(
+            "data.image_size", image_size,
+            f"differs from the {model_type} backbone's input size {native}, which its position embeddings fix.",
+            f"remove data.image_size, or set it to {native}.",
+        )])
 
 
 def processor_pretrained_cfg(backbone_config: Any, image_size: int | None) -> dict:

@@ -104,6 +104,22 @@ def test_vit_rejects_other_image_size(tmp_path):
         load_image_processor(run_config(tmp_path / "vit", image_size=64))
 
 
+def test_vit_image_size_run_exits_2(tmp_path):
+    from tiny import run_recipe
+
+    save_vit(tmp_path / "vit")
+    config = {
+        "task": "image-classification",
+        "model": {"name_or_path": str(tmp_path / "vit")},
+        "data": {"train": str(tmp_path / "unused"), "image_size": 64},
+        "output": {"run_dir": str(tmp_path / "run")},
+    }
+    code, events = run_recipe(config)
+    assert code == 2
+    assert events[-1]["status"] == "failed"
+    assert "data.image_size = 64: differs from the vit backbone's input size 32" in events[-1]["error"]
+
+
 def test_convnext_image_size(tmp_path):
     save_convnext(tmp_path / "convnext")
     processor = load_image_processor(run_config(tmp_path / "convnext", image_size=48))
