@@ -399,7 +399,9 @@ def inspect_main(argv: list[str]) -> int:
     except LayerGroupError as error:
         print(f"finetune inspect: {error}", file=sys.stderr)
         return 1
-    print(f"{type(model).__name__} from {args.model}")
+    # The head is built for --num-labels classes, not read from the folder. An export of a 3-class run
+    # therefore shows a 2-class head by default, and the header says which size the table counts.
+    print(f"{type(model).__name__} from {args.model}, head for {args.num_labels} classes (set with --num-labels)")
     print(format_groups_table(groups))
     return 0
 

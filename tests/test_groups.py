@@ -185,7 +185,9 @@ def test_inspect_prints_groups(tmp_path, capsys):
     assert inspect_main([str(tmp_path), "--num-labels", "4"]) == 0
     output = capsys.readouterr().out
     assert "encoder.layer.1" in output
-    assert "BertForSequenceClassification" in output
+    assert output.splitlines()[0] == (
+        f"BertForSequenceClassification from {tmp_path}, head for 4 classes (set with --num-labels)"
+    )
 
 
 def test_inspect_missing_model_fails(tmp_path, capsys):
