@@ -550,3 +550,58 @@ def test_log_record_not_glued_to_progress_bar():
     assert len(records) == 1
     assert records[0].endswith(" INFO finetune.demo: validation done")
     assert not records[0].startswith("training")
+
+
+UNKNOWN_JOB = "99"
+
+
+@pytest.fixture
+def empty_service(tmp_path):
+    from finetune.webapp.service import JobService
+
+    return JobService(AppSettings(workspace=tmp_path / "ws", data_roots=[tmp_path / "data"]))
+
+
+def test_zip_unknown_job_names_id(empty_service):
+    from finetune.webapp.jobs_tab import zip_job_export
+
+    path, message = zip_job_export(empty_service, empty_service.settings, UNKNOWN_JOB)
+    assert path is None
+    assert message.startswith(f"**Error:** job {UNKNOWN_JOB} not found")
+
+
+def test_compare_unknown_job_raises_gradio_error(empty_service):
+    import gradio as gr
+
+    from finetune.webapp.compare_tab import compare_runs
+
+    with pytest.raises(gr.Error, match=f"job {UNKNOWN_JOB} not found"):
+        compare_runs(empty_service, UNKNOWN_JOB, UNKNOWN_JOB)
+
+
+def test_analyse_unknown_job_names_id(empty_service):
+    from finetune.webapp.try_tab import analyse_job
+
+    *_, message = analyse_job(empty_service, empty_service.settings, f"job:{UNKNOWN_JOB}")
+    assert message.startswith(f"**Error:** job {UNKNOWN_JOB} not found")
+
+
+def test_try_error_names_job_not_value(empty_service):
+    from finetune.webapp.try_tab import predict_pair
+
+    *_, notes = predict_pair(empty_service.settings, empty_service, None, f"job:{UNKNOWN_JOB}", None, None, "a text", 1)
+    assert notes.startswith(f"**Error:** job {UNKNOWN_JOB}: ")
+    assert "job:" not in notes
+
+
+def test_delete_removes_download_zip(empty_service):
+    from finetune.webapp.service import export_zip_path
+
+    config = "task: text-classification\nmodel:\n  name_or_path: bert-base-uncased\ndata:\n  train: train.csv\n"
+    job = empty_service.workspace.submit(config, name="zipped")
+    empty_service.workspace.cancel(job.id)
+    zip_path = export_zip_path(empty_service.settings, str(job.id))
+    zip_path.parent.mkdir(parents=True, exist_ok=True)
+    zip_path.write_bytes(b"PK")
+    empty_service.delete(str(job.id))
+    assert not zip_path.exists()

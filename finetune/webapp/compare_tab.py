@@ -5,6 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from .. import runlog
+from ..jobs import JobNotFound
 from . import plots, runs
 from .service import JobService
 from .settings import AppSettings
@@ -58,7 +59,10 @@ def compare_runs(service: JobService, job_a: str | None, job_b: str | None):
     """Return the differing config keys of two runs and a figure with both runs' curves."""
     if not job_a or not job_b:
         return None, None
-    dir_a, dir_b = service.run_dir(job_a), service.run_dir(job_b)
+    try:
+        dir_a, dir_b = service.run_dir(job_a), service.run_dir(job_b)
+    except JobNotFound as error:
+        raise gr.Error(str(error)) from None
     flat_a, flat_b = runs.flatten(runs.read_config(dir_a)), runs.flatten(runs.read_config(dir_b))
     keys = sorted(set(flat_a) | set(flat_b))
     rows = [[key, _text(flat_a.get(key)), _text(flat_b.get(key))] for key in keys if flat_a.get(key) != flat_b.get(key)]

@@ -13,9 +13,10 @@ from pathlib import Path
 import gradio as gr
 
 from .. import runlog
+from ..jobs import JobNotFound
 from ..log import get_logger
 from . import plots, runs
-from .service import JobService, JobView
+from .service import JobService, JobView, export_zip_path
 from .settings import AppSettings
 from .train_tab import sync_yaml_to_form, validation_outputs
 
@@ -210,10 +211,10 @@ def zip_job_export(service: JobService, settings: AppSettings, job_id: str | Non
     """Zip the selected job's export folder for download."""
     if not job_id:
         return None, "Select a job first."
-    run_dir = service.run_dir(job_id)
     try:
-        path = runs.zip_export(run_dir, settings.download_dir, f"job-{job_id}-export")
-    except FileNotFoundError as error:
+        target = export_zip_path(settings, job_id)
+        path = runs.zip_export(service.run_dir(job_id), target.parent, target.stem)
+    except (JobNotFound, FileNotFoundError) as error:
         return None, f"**Error:** {error}"
     return str(path), f"Zipped the export of job {job_id} ({Path(path).stat().st_size / 2**20:.1f} MiB)."
 

@@ -51,6 +51,11 @@ class JobView:
         return f"{self.id} · {self.name} ({self.status})"
 
 
+def export_zip_path(settings: AppSettings, job_id: str) -> Path:
+    """Return where the Jobs tab writes the download zip of a job's export."""
+    return settings.download_dir / f"job-{job_id}-export.zip"
+
+
 class JobService:
     """Submit, list and control jobs of one workspace; optionally runs the scheduler in this process."""
 
@@ -121,6 +126,8 @@ class JobService:
 
     def delete(self, job_id: str) -> str:
         self.workspace.delete(job_id)
+        # The download zip is a copy of the export, and a later job may get the same id.
+        export_zip_path(self.settings, job_id).unlink(missing_ok=True)
         return f"Job {job_id} and its run folder deleted."
 
     def _view(self, job) -> JobView:

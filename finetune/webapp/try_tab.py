@@ -13,6 +13,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
+from ..jobs import JobNotFound
 from ..log import get_logger
 from . import configform, plots, runs
 from .security import PathNotAllowed, resolve_inside
@@ -132,6 +133,11 @@ def resolve_model(value: str | None, settings: AppSettings, service: JobService)
     return folder
 
 
+def _model_label(value: str) -> str:
+    # The dropdown value `job:3` is internal, so messages name the job as the Jobs tab does.
+    return f"job {value[4:]}" if value.startswith("job:") else value
+
+
 def predict_pair(settings, service, cache, model_a, model_b, image_path, text, top_k):
     """Classify one input with model A and, when chosen, model B; return two gr.Label values and a message."""
     if not image_path and not (text or "").strip():
@@ -146,7 +152,7 @@ def predict_pair(settings, service, cache, model_a, model_b, image_path, text, t
             results.append(classify(cache.get(folder), image_path, text, int(top_k)))
         except (PathNotAllowed, FileNotFoundError, ValueError, KeyError) as error:
             results.append(None)
-            notes.append(f"**Error:** {value}: {error}")
+            notes.append(f"**Error:** {_model_label(value)}: {error}")
     return results[0], results[1], "\n\n".join(notes)
 
 
@@ -166,7 +172,10 @@ def analyse_job(service: JobService, settings: AppSettings, value: str | None):
     """Return the confusion matrix, misclassified images and texts of a finished job's validation set."""
     if not value or not value.startswith("job:"):
         return None, None, None, "Choose a finished job (not a folder) as the model to see its validation errors."
-    run_dir = service.run_dir(value[4:])
+    try:
+        run_dir = service.run_dir(value[4:])
+    except JobNotFound as error:
+        return None, None, None, f"**Error:** {error}"
     rows = runs.read_validation_predictions(run_dir)
     if rows is None:
         return None, None, None, (
