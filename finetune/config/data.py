@@ -52,10 +52,10 @@ class DataConfig(Section):
         description="Keep only rows with these labels, as names or integer ids (others are dropped and counted); "
         "null keeps all.",
     )
-    validation_size: float = Field(
+    validation_size: int | float = Field(
         0.1, ge=0.0, description="Share (below 1) or row count (1 or more) carved from train when no validation data."
     )
-    test_size: float = Field(
+    test_size: int | float = Field(
         0.1, ge=0.0, description="Share (below 1) or row count (1 or more) carved from train when no test data."
     )
     stratify: bool = Field(True, description="Keep class proportions when carving splits.")
