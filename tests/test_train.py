@@ -13,6 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import json  # noqa: E402
 import math  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -570,3 +571,34 @@ def test_resume_past_max_steps_warns(tmp_path, model_dir, finetune_records):
     assert len(warnings) == 1
     assert "at step 8, but this run ends at step 3" in warnings[0]
     assert events_of(events, "train")[-1]["step"] == 8
+
+
+def test_resume_with_other_accumulation_whole_groups(tmp_path, model_dir, monkeypatch):
+    # 32 training rows in batches of 4: 8 micro-batches per epoch. With accumulation 3 the checkpoint of
+    # step 1 stops after micro-batch 3, which is not a group boundary for accumulation 2.
+    config = tiny_config(tmp_path, model={"name_or_path": str(model_dir)},
+                         training={"gradient_accumulation_steps": 3, "num_train_epochs": 1},
+                         checkpoint={"save_every_epoch": False, "save_steps": 1, "save_total_limit": 10})
+    run_recipe(config)
+    run_dir = Path(config["output"]["run_dir"])
+    for checkpoint in sorted((run_dir / "checkpoints").glob("checkpoint-*")):
+        if checkpoint.name != "checkpoint-1":
+            shutil.rmtree(checkpoint)
+
+    calls: list[object] = []
+    forward_backward, begin_step = FineTuneRecipe._forward_backward, FineTuneRecipe._begin_step
+
+    def record_forward_backward(self, batch, group_size, sync):
+        calls.append(group_size)
+        return forward_backward(self, batch, group_size, sync)
+
+    def record_begin_step(self):
+        calls.append("step")
+        return begin_step(self)
+
+    monkeypatch.setattr(FineTuneRecipe, "_forward_backward", record_forward_backward)
+    monkeypatch.setattr(FineTuneRecipe, "_begin_step", record_begin_step)
+    code, _ = run_recipe(merge(config, {"training": {"gradient_accumulation_steps": 2}}))
+    assert code == 0
+    # Micro-batches 3-4, 5-6 and 7: each step begins with a stage update and divides by its own group size.
+    assert calls == ["step", 2, 2, "step", 2, 2, "step", 1]
