@@ -453,9 +453,9 @@ class FineTuneRecipe:
 
         start = self.state.micro_batches_done
         for index, batch in enumerate(loader, start=start):
-            # Groups count from where this pass starts. A resume starts on a group boundary, unless
-            # gradient_accumulation_steps changed since the checkpoint: then the groups shift with the start,
-            # so the first step after the resume still gets a whole group and its own stage update.
+            # Groups count from where this pass starts. A resume starts on a group boundary unless
+            # gradient_accumulation_steps changed since the checkpoint. Then the groups shift with the start, so
+            # the first step after the resume still gets a whole group and its own stage update.
             group_start = index - (index - start) % accumulation
             group_size = min(accumulation, self.micro_batches_per_epoch - group_start)
             is_last_of_group = index + 1 == group_start + group_size
