@@ -288,3 +288,30 @@ def test_predict_pair_model_rejects_text(trained_pairs, capfd, finetune_records)
 def test_pair_model_card_shows_pair(trained_pairs):
     card = (trained_pairs / "README.md").read_text(encoding="utf-8")
     assert 'classifier({"text": "first text", "text_pair": "second text"})' in card
+
+
+def test_try_tab_scores_pair(trained_pairs):
+    from finetune.predict import Predictor
+    from finetune.webapp.try_tab import classify
+
+    predictor = Predictor(trained_pairs)
+    scores = classify(predictor, None, TEXTS[0], 2, text_pair="seen in a small cinema")
+    pair = {"text": TEXTS[0], "text_pair": "seen in a small cinema"}
+    expected = pipeline("text-classification", model=str(trained_pairs))(pair, top_k=2)
+    assert scores == pytest.approx({item["label"]: item["score"] for item in expected})
+
+
+def test_try_tab_pair_model_needs_second_text(trained_pairs):
+    from finetune.predict import Predictor
+    from finetune.webapp.try_tab import classify
+
+    with pytest.raises(ValueError, match="trained on text pairs .*type the second text too"):
+        classify(Predictor(trained_pairs), None, TEXTS[0], 2)
+
+
+def test_try_tab_single_model_rejects_second_text(trained):
+    from finetune.predict import Predictor
+    from finetune.webapp.try_tab import classify
+
+    with pytest.raises(ValueError, match="trained on single texts"):
+        classify(Predictor(trained["export"]), None, TEXTS[0], 2, text_pair="another text")

@@ -65,6 +65,8 @@ def build_try_tab(settings: AppSettings, service: JobService) -> None:
         image = gr.Image(type="filepath", label="image", elem_id="try-image", height=240)
         with gr.Column():
             text = gr.Textbox(label="text", lines=4, elem_id="try-text")
+            text_pair = gr.Textbox("", label="second text (only for models trained on text pairs)", lines=2,
+                                   elem_id="try-text-pair")
             top_k = gr.Slider(1, 20, value=5, step=1, label="top-k classes")
             predict_button = gr.Button("Classify", variant="primary", elem_id="try-predict")
     with gr.Row():
@@ -77,10 +79,11 @@ def build_try_tab(settings: AppSettings, service: JobService) -> None:
                    show_progress="hidden", api_visibility="private")
     model_b.change(lambda: [None, ""], None, [label_b, try_status], show_progress="hidden", api_visibility="private")
 
-    def predict(a, b, image_path, typed, k):
-        return predict_pair(settings, service, cache, a, b, image_path, typed, k)
+    def predict(a, b, image_path, typed, k, typed_pair=""):
+        return predict_pair(settings, service, cache, a, b, image_path, typed, k, typed_pair)
 
-    predict_button.click(predict, [model_a, model_b, image, text, top_k], [label_a, label_b, try_status],
+    # text_pair comes last, so API clients that send the first five inputs keep working.
+    predict_button.click(predict, [model_a, model_b, image, text, top_k, text_pair], [label_a, label_b, try_status],
                          api_name="predict", concurrency_id=TRY_CONCURRENCY_ID, concurrency_limit=TRY_CONCURRENCY_LIMIT)
     refresh_button.click(lambda: [gr.update(choices=model_choices(settings, service))] * 2, None, [model_a, model_b],
                          api_name="model_choices")
@@ -133,12 +136,27 @@ def resolve_model(value: str | None, settings: AppSettings, service: JobService)
     return folder
 
 
+def _text_input(predictor, text: str, text_pair: str) -> str | dict:
+    # A pair model given one text would classify it without its second text and still return a confident class.
+    from ..predict import text_pair_column
+
+    pair_column = text_pair_column(predictor.model_dir)
+    if pair_column is None:
+        if text_pair.strip():
+            raise ValueError("this model was trained on single texts; leave the second text empty.")
+        return text
+    if not text_pair.strip():
+        raise ValueError(f"this model was trained on text pairs (data.text_pair_column: {pair_column}); "
+                         "type the second text too.")
+    return {"text": text, "text_pair": text_pair}
+
+
 def _model_label(value: str) -> str:
     # The dropdown value `job:3` is internal, so messages name the job as the Jobs tab does.
     return f"job {value[4:]}" if value.startswith("job:") else value
 
 
-def predict_pair(settings, service, cache, model_a, model_b, image_path, text, top_k):
+def predict_pair(settings, service, cache, model_a, model_b, image_path, text, top_k, text_pair=""):
     """Classify one input with model A and, when chosen, model B; return two gr.Label values and a message."""
     if not image_path and not (text or "").strip():
         return None, None, "Upload an image or type a text first."
@@ -149,21 +167,24 @@ def predict_pair(settings, service, cache, model_a, model_b, image_path, text, t
             continue
         try:
             folder = resolve_model(value, settings, service)
-            results.append(classify(cache.get(folder), image_path, text, int(top_k)))
+            results.append(classify(cache.get(folder), image_path, text, int(top_k), text_pair))
         except (PathNotAllowed, FileNotFoundError, ValueError, KeyError) as error:
             results.append(None)
             notes.append(f"**Error:** {_model_label(value)}: {error}")
     return results[0], results[1], "\n\n".join(notes)
 
 
-def classify(predictor, image_path: str | None, text: str, top_k: int) -> dict[str, float]:
-    """Run one input through a predictor; an image model gets the image, a text model the text."""
+def classify(predictor, image_path: str | None, text: str, top_k: int, text_pair: str = "") -> dict[str, float]:
+    """Run one input through a predictor: an image model gets the image, a text model the text (and pair)."""
     wants_image = predictor.task == "image-classification"
     if wants_image and not image_path:
         raise ValueError("this is an image model; upload an image.")
     if not wants_image and not (text or "").strip():
         raise ValueError("this is a text model; type a text.")
-    inputs = [Image.open(image_path).convert("RGB")] if wants_image else [text]
+    if wants_image:
+        inputs = [Image.open(image_path).convert("RGB")]
+    else:
+        inputs = [_text_input(predictor, text, text_pair or "")]
     ranked = predictor.predict(inputs, top_k=top_k)[0]
     return {item["label"]: float(item["score"]) for item in ranked}
 
