@@ -27,9 +27,13 @@ def finetune_records():
     only in tests that run before the first `setup_logging` call.
     """
     records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.DEBUG)
+    handler = logging.Handler(logging.INFO)
     handler.emit = records.append
     logger = logging.getLogger("finetune")
+    level = logger.level
+    # Before `setup_logging` the logger inherits the root's WARNING level and would drop info records.
+    logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     yield records
     logger.removeHandler(handler)
+    logger.setLevel(level)

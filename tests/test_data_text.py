@@ -251,6 +251,20 @@ def test_deduplicate_before_split(tmp_path):
     assert train_texts.isdisjoint(splits["validation"]["text"][:])
 
 
+def test_removed_rows_logged_per_reason(tmp_path, finetune_records):
+    rows = review_rows(40, ["x", "y", "plot"])
+    rows += [dict(row) for row in rows[:4] if row["label"] != "plot"]  # 3 repeated texts with kept labels
+    rows[1]["text"] = None
+    config = make_config(train=write_csv(tmp_path / "a.csv", rows), keep_labels=["x", "y"], empty_text_policy="drop")
+    preflight_text(config)
+    messages = [record.getMessage() for record in finetune_records if record.getMessage().startswith("Removed")]
+    assert messages == [
+        "Removed 13 row(s) with a label outside data.keep_labels: train 13",
+        "Removed 1 row(s) with an empty text (data.empty_text_policy: drop): train 1",
+        "Removed 2 row(s) repeating an earlier text (data.deduplicate): train 2",
+    ]
+
+
 def test_deduplicate_off_keeps_rows(tmp_path):
     rows = review_rows(40, ["x", "y"])
     rows += [dict(row) for row in rows[:20]]

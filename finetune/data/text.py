@@ -124,8 +124,23 @@ def preflight_text(
     splits = limit_splits(splits, config)
     summary["rows"] = _row_counts(splits)
     summary["class_counts"] = {split: class_counts(dataset, label_names) for split, dataset in splits.items()}
+    _log_removed_rows(summary)
     logger.info("Data ready: %s rows, classes %s", summary["rows"], ", ".join(label_names))
     return splits, label_names, summary
+
+
+def _log_removed_rows(summary: dict[str, Any]) -> None:
+    # Without this line the only trace of dropped rows is the model card, and "Data ready" looks short.
+    reasons = {
+        "with a label outside data.keep_labels": summary["dropped"]["label_not_kept"],
+        "with an empty text (data.empty_text_policy: drop)": summary["dropped"]["empty_text"],
+        "repeating an earlier text (data.deduplicate)": summary["duplicates_removed"],
+    }
+    for reason, counts in reasons.items():
+        removed = {split: count for split, count in counts.items() if count}
+        if removed:
+            shown = ", ".join(f"{split} {count}" for split, count in removed.items())
+            logger.info("Removed %d row(s) %s: %s", sum(removed.values()), reason, shown)
 
 
 def _text_columns(config: RunConfig) -> list[str]:
