@@ -800,8 +800,14 @@ def _lock_run_dir(run_dir: Path):
 def _unknown_metric_issue(name: str, metrics: dict):
     from .config import ConfigIssue
 
+    names = sorted(k for k in metrics if k != "num_examples")
+    unprefixed = name.removeprefix("eval_")
+    if unprefixed != name and unprefixed in names:
+        # Trainer's name for the same metric. Mapping it silently would make two spellings of one setting.
+        return ConfigIssue("training.metric_for_best_model", name, "is Trainer's name for a validation metric.",
+                           f"use {unprefixed!r}: finetune names validation metrics without the eval_ prefix.")
     return ConfigIssue("training.metric_for_best_model", name, "is not a validation metric.",
-                       f"use one of: {', '.join(sorted(k for k in metrics if k != 'num_examples'))}.")
+                       f"use one of: {', '.join(names)}.")
 
 
 def _config_changes(previous_file: Path, config: RunConfig) -> list[str]:

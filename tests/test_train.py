@@ -486,6 +486,14 @@ def test_unknown_metric_rejected_before_training(tmp_path, model_dir):
     assert not (tmp_path / "run").exists()  # rejected before the run folder is written
 
 
+def test_trainer_metric_name_points_to_ours():
+    from finetune.train import _unknown_metric_issue
+
+    issue = _unknown_metric_issue("eval_loss", dict.fromkeys(["accuracy", "loss", "num_examples"]))
+    assert issue.value == "eval_loss"
+    assert "use 'loss'" in issue.fix
+
+
 @pytest.mark.parametrize(
     "argv",
     [
