@@ -457,6 +457,17 @@ def test_job_status_labels_reason(status, label):
     assert status_text(job) == f"**job 3** `run` — **{status}**\n\n**{label}:** killed with SIGKILL"
 
 
+def test_queued_job_status_has_no_epoch():
+    from finetune.webapp.jobs_tab import status_text
+    from finetune.webapp.service import JobView
+
+    job = JobView(
+        id="4", name="waiting", status="queued", run_dir=Path("runs/4"), created_at=0.0, step=0, total_steps=None,
+        epoch=0.0, stage="", eta_seconds=None, best=None, metric="accuracy", failure_reason="",
+    )
+    assert status_text(job) == "**job 4** `waiting` — **queued**"
+
+
 def test_jobs_view_keeps_deleted_selection(tmp_path):
     from finetune.webapp.jobs_tab import refresh_view
     from finetune.webapp.service import JobService

@@ -139,7 +139,8 @@ def status_text(job: JobView) -> str:
     parts = [f"**job {job.id}** `{job.name}` — **{job.status}**"]
     if job.total_steps:
         parts.append(f"step {job.progress_text}")
-    if job.epoch is not None:
+    # A job that has not started has no epoch yet, though the progress reader reports 0.0 for it.
+    if job.total_steps and job.epoch is not None:
         parts.append(f"epoch {job.epoch:.2f}")
     if job.stage:
         parts.append(f"stage {job.stage}")
