@@ -213,6 +213,7 @@ class FineTuneRecipe:
         if self.training.max_steps is not None:
             self.total_steps = min(self.total_steps, self.training.max_steps)
         self.warmup_steps = self.training.warmup_steps or math.ceil(self.training.warmup_ratio * self.total_steps)
+        self._warn_ineffective_settings()
 
         self.controller = ScheduleController(
             self.model, self.groups, self.config.schedule, self.training, self.steps_per_epoch, self.total_steps
@@ -229,6 +230,17 @@ class FineTuneRecipe:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, self.controller.lr_lambdas(self._base_lr_factor)
         )
+
+    def _warn_ineffective_settings(self) -> None:
+        # Both are valid on their own, so config validation accepts them; only the run's length shows the problem.
+        if self.training.warmup_steps and self.training.warmup_steps >= self.total_steps:
+            logger.warning("training.warmup_steps is %d but the run has %d optimizer steps, so the learning rate never "
+                           "reaches training.learning_rate. Fix: lower warmup_steps or use warmup_ratio.",
+                           self.training.warmup_steps, self.total_steps)
+        if self.training.eval_steps is not None and self.training.eval_strategy != "steps":
+            logger.warning("training.eval_steps (%d) is ignored with eval_strategy %r. Fix: set eval_strategy: steps "
+                           "to evaluate every eval_steps, or remove eval_steps.",
+                           self.training.eval_steps, self.training.eval_strategy)
 
     def _base_lr_factor(self, step: int) -> float:
         """Return the LR multiplier of the base schedule at optimizer step `step`: warm-up, then decay."""

@@ -610,3 +610,13 @@ def test_resume_with_other_accumulation_whole_groups(tmp_path, model_dir, monkey
     assert code == 0
     # Micro-batches 3-4, 5-6 and 7: each step begins with a stage update and divides by its own group size.
     assert calls == ["step", 2, 2, "step", 2, 2, "step", 1]
+
+
+def test_ineffective_settings_warned(tmp_path, model_dir, finetune_records):
+    config = tiny_config(tmp_path, model={"name_or_path": str(model_dir)},
+                         training={"max_steps": 2, "warmup_steps": 5, "eval_steps": 3})
+    code, _ = run_recipe(config)
+    warnings = [record.getMessage() for record in finetune_records if record.levelname == "WARNING"]
+    assert code == 0
+    assert any("training.warmup_steps is 5 but the run has 2 optimizer steps" in message for message in warnings)
+    assert any("training.eval_steps (3) is ignored with eval_strategy 'epoch'" in message for message in warnings)
