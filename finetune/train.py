@@ -232,7 +232,7 @@ class FineTuneRecipe:
         )
 
     def _warn_ineffective_settings(self) -> None:
-        # Both are valid on their own, so config validation accepts them; only the run's length shows the problem.
+        # Config validation accepts both. Judging warm-up needs the run's length, and an unused eval_steps is harmless.
         if self.training.warmup_steps and self.training.warmup_steps >= self.total_steps:
             logger.warning("training.warmup_steps is %d but the run has %d optimizer steps, so the learning rate never "
                            "reaches training.learning_rate. Fix: lower warmup_steps or use warmup_ratio.",
