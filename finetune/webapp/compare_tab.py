@@ -6,11 +6,14 @@ import gradio as gr
 
 from .. import runlog
 from ..jobs import JobNotFound
+from ..log import get_logger
 from . import plots, runs
 from .service import JobService
 from .settings import AppSettings
 
 LEADERBOARD_HEADERS = ["id", "name", "status", "metric", "best", "backbone", "schedule", "precision", "minutes"]
+
+logger = get_logger(__name__)
 
 
 def build_compare_tab(settings: AppSettings, service: JobService, tab: gr.Tab | None = None) -> None:
@@ -62,6 +65,7 @@ def compare_runs(service: JobService, job_a: str | None, job_b: str | None):
     try:
         dir_a, dir_b = service.run_dir(job_a), service.run_dir(job_b)
     except JobNotFound as error:
+        logger.info("compare runs %s and %s failed: %s", job_a, job_b, error)
         raise gr.Error(str(error)) from None
     flat_a, flat_b = runs.flatten(runs.read_config(dir_a)), runs.flatten(runs.read_config(dir_b))
     keys = sorted(set(flat_a) | set(flat_b))

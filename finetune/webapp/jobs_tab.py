@@ -216,6 +216,7 @@ def zip_job_export(service: JobService, settings: AppSettings, job_id: str | Non
         target = export_zip_path(settings, job_id)
         path = runs.zip_export(service.run_dir(job_id), target.parent, target.stem)
     except (JobNotFound, FileNotFoundError) as error:
+        logger.info("job %s: export zip failed: %s", job_id, error)
         return None, f"**Error:** {error}"
     return str(path), f"Zipped the export of job {job_id} ({Path(path).stat().st_size / 2**20:.1f} MiB)."
 

@@ -169,6 +169,7 @@ def predict_pair(settings, service, cache, model_a, model_b, image_path, text, t
             folder = resolve_model(value, settings, service)
             results.append(classify(cache.get(folder), image_path, text, int(top_k), text_pair))
         except (PathNotAllowed, FileNotFoundError, ValueError, KeyError) as error:
+            logger.info("Try tab: prediction with %s failed: %s", _model_label(value), error)
             results.append(None)
             notes.append(f"**Error:** {_model_label(value)}: {error}")
     return results[0], results[1], "\n\n".join(notes)
@@ -196,6 +197,7 @@ def analyse_job(service: JobService, settings: AppSettings, value: str | None):
     try:
         run_dir = service.run_dir(value[4:])
     except JobNotFound as error:
+        logger.info("job %s: validation analysis failed: %s", value[4:], error)
         return None, None, None, f"**Error:** {error}"
     rows = runs.read_validation_predictions(run_dir)
     if rows is None:
