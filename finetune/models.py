@@ -46,7 +46,7 @@ def load_processor(config: RunConfig) -> Any:
 
 def _hub_unreachable(error: BaseException) -> bool:
     # transformers wraps huggingface_hub's LocalEntryNotFoundError (offline mode or no connection, and the files
-    # not in the cache) in a plain OSError, so the cause chain tells a network failure from a missing processor.
+    # not in the cache) in a plain OSError, so only the cause chain separates a network failure from a missing processor.
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     seen = set()

@@ -57,7 +57,7 @@ logger = get_logger(__name__)
 # Misclassified validation images, saved as PNG in the run folder (relative to it) for the app's gallery.
 MISCLASSIFIED_DIR = "misclassified"
 MAX_MISCLASSIFIED_IMAGES = 48
-# Lock file in the run folder. The main process holds it while it trains, and it contains that process id.
+# Lock file in the run folder. The main process keeps it locked while it trains and writes its process id into it.
 RUN_DIR_LOCK_FILE = ".lock"
 
 

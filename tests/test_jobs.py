@@ -195,14 +195,20 @@ def test_recycled_pid_not_reattached(workspace):
     assert "ended without recording an exit code" in job.failure_reason
 
 
-def test_exit_file_decides_outcome(workspace):
+def _ended_running_job(workspace, exit_code: int, status: str):
+    """Submit a job recorded as running under a pid that does not exist, with its runner's exit file written."""
     job = workspace.submit(CONFIG)
     workspace.store.update(
         job.id, status=JobStatus.RUNNING, started_at=time.time(), pid=2**22 + 1, pid_create_time=1.0,
         token=f"{job.id}-test", attempt=1,
     )
-    record = {"token": f"{job.id}-test", "exit_code": runlog.EXIT_STOPPED, "status": "stopped"}
+    record = {"token": f"{job.id}-test", "exit_code": exit_code, "status": status}
     (job.run_dir / "exit_code.json").write_text(json.dumps(record))
+    return job
+
+
+def test_exit_file_decides_outcome(workspace):
+    job = _ended_running_job(workspace, runlog.EXIT_STOPPED, "stopped")
     Scheduler(workspace, max_cpu_jobs=0, gpu_count=0).tick()
     job = workspace.get(job.id)
     assert job.status == JobStatus.STOPPED
@@ -211,13 +217,7 @@ def test_exit_file_decides_outcome(workspace):
 
 def test_killed_training_reason(workspace):
     # A SIGKILLed training process leaves no run_end event, and its stderr ends in a tqdm bar and the runner.
-    job = workspace.submit(CONFIG)
-    workspace.store.update(
-        job.id, status=JobStatus.RUNNING, started_at=time.time(), pid=2**22 + 1, pid_create_time=1.0,
-        token=f"{job.id}-test", attempt=1,
-    )
-    record = {"token": f"{job.id}-test", "exit_code": runlog.EXIT_FAILED, "status": "failed"}
-    (job.run_dir / "exit_code.json").write_text(json.dumps(record))
+    job = _ended_running_job(workspace, runlog.EXIT_FAILED, "failed")
     bar = "training:  27%|##7       | {}/1500 [00:13<04:45,  3.83step/s, loss=0.0019]"
     stderr = (
         bar.format(405) + " " * 8 + "02:02:19 INFO finetune.checkpoint: Saved checkpoint checkpoint-405\n"

@@ -139,8 +139,8 @@ def _log_removed_rows(summary: dict[str, Any]) -> None:
     for reason, counts in reasons.items():
         removed = {split: count for split, count in counts.items() if count}
         if removed:
-            shown = ", ".join(f"{split} {count}" for split, count in removed.items())
-            logger.info("Removed %d row(s) %s: %s", sum(removed.values()), reason, shown)
+            per_split = ", ".join(f"{split} {count}" for split, count in removed.items())
+            logger.info("Removed %d row(s) %s: %s", sum(removed.values()), reason, per_split)
 
 
 def _text_columns(config: RunConfig) -> list[str]:

@@ -106,7 +106,7 @@ def _jobs_parser() -> argparse.ArgumentParser:
     clone = add("clone", _clone, "Queue a copy of a job's config with overrides.")
     clone.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Dotted overrides for the copy.")
     clone.add_argument("--name", default=None, help="Name of the new job (default: the source's name plus -clone).")
-    # The source's devices may not exist on this host: a job that cannot be placed tells the user to clone it.
+    # The source's devices may not exist on this host. A job that cannot be placed fails with a message to clone it.
     clone.add_argument("--num-processes", type=int, default=None, help="Training processes (default: the source's).")
     clone.add_argument("--gpus", type=int, default=None, help="GPUs to use, one process each; 0 runs on the CPU (default: the source's).")
     clone.add_argument("--accelerate-config", default=None, help="Name of a file in configs/accelerate or a path (default: the source's).")

@@ -73,8 +73,8 @@ def launch_app(settings: AppSettings, prevent_thread_lock: bool = False):
 def warn_missing_roots(settings: AppSettings) -> None:
     """Log a warning for each --data-root or --model-root that is not a folder.
 
-    A mistyped root is not an error, because the folder may be created later, but until then every typed path
-    under it fails as not found, and a path in the folder that was meant is rejected as outside the roots.
+    A mistyped root is not an error, because the folder may be created later. Until then, every typed path under
+    it fails as not found, and a path in the intended folder is rejected as outside the roots.
     """
     for option, roots in (("--data-root", settings.data_roots), ("--model-root", settings.model_roots)):
         for root in roots:
